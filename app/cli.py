@@ -1,0 +1,185 @@
+"""The `featurescope` command line. Imports torch only in the commands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
+
+log = logging.getLogger("featurescope")
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'all', '0,5,11' or '2-4' (mixed: '0,2-4') -> sorted layer indices, checked against n_layers."""
+    if text == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise SystemExit(
+                f"error: --layers expects 'all', '0,5,11' or '2-4', got {text!r}") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise SystemExit(f"error: the model has layers 0..{n_layers - 1}; got {text!r}")
+    return sorted(layers)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from app.db.engine import make_engine, upgrade
+    from workers import store
+    from workers.corpus import load_dataset
+    from workers.harvest import Checkpoint, HarvestConfig, Harvester, neuron_sources, run_harvest
+    from workers.models import load_model
+
+    cfg = HarvestConfig(top_k=args.top_k, batch_size=args.batch_size,
+                        shard_sequences=args.shard_sequences, window=args.window,
+                        compile=args.compile)
+    device = _device(args.device)
+    lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
+    dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
+                           max_tokens=args.max_tokens, cache_dir=settings.cache_dir)
+    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers))
+    log.info("%s on %s: %d sequences x %d tokens, %d sources, %d features, device %s",
+             lm.slug, dataset.slug, dataset.n_sequences, dataset.seq_len, len(specs),
+             sum(s.n_features for s in specs), device)
+
+    engine = make_engine(args.db or settings.db_url)
+    upgrade(engine)
+    reg = store.begin(engine, lm, dataset, specs, cfg, replace=args.replace)
+    harvester = Harvester(lm, dataset.tokens, specs, cfg,
+                          bos_first=dataset.bos_policy == "bos-prepended")
+    ckpt = Checkpoint(settings.checkpoint_dir, Checkpoint.key_for(
+        model=lm.source, dataset=dataset.slug, cfg=cfg.to_dict(),
+        sources=[(s.slug, s.hook_name) for s in specs]))
+
+    bar = tqdm(total=dataset.n_tokens, unit="tok", unit_scale=True, desc="harvest",
+               disable=args.quiet, dynamic_ncols=True)
+    done = 0
+    last = time.monotonic()
+
+    def progress(n: int) -> None:
+        nonlocal done, last
+        done += n
+        bar.update(n)
+        if time.monotonic() - last > 2:
+            last = time.monotonic()
+            store.report_progress(engine, reg, done)
+
+    try:
+        with torch.inference_mode():
+            states = run_harvest(harvester, ckpt, progress)
+        bar.close()
+        directions = {s.slug: lm.mlp_out_directions(s.layer) for s in specs}
+        t0 = time.monotonic()
+        store.finish(engine, reg, lm, dataset, specs, states, cfg, directions)
+        log.info("written in %.1f s", time.monotonic() - t0)
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        bar.close()
+        store.fail(engine, reg, f"{type(exc).__name__}: {exc}")
+        raise
+    ckpt.clear()
+    print(f"harvested {len(specs)} sources of {lm.slug} over {dataset.n_tokens} tokens "
+          f"of {dataset.name} into {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from app.db.engine import make_engine, upgrade
+
+    engine = make_engine(args.db or settings.db_url)
+    upgrade(engine)
+    print(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    """Fetch and cache the default model and corpora, so later runs need no network."""
+    from workers.corpus import prepare_builtin
+    from workers.models import prepare_default_model
+
+    path = prepare_default_model(settings.cache_dir)
+    print(f"default model cached at {path}")
+    for name in args.datasets:
+        prepare_builtin(name, settings.cache_dir)
+        print(f"dataset {name} ready")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="featurescope", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    h = sub.add_parser("harvest", help="run a model over a dataset and store its features")
+    h.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name, local HF folder, .gguf file or hub id")
+    h.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="built-in name (pydoc, austen), a .txt/.jsonl/.parquet file or hf:NAME")
+    h.add_argument("--layers", default="all", help="'all', '0,5,11' or '2-4'")
+    h.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")
+    h.add_argument("--seq-len", type=int, default=128)
+    h.add_argument("--top-k", type=int, default=20)
+    h.add_argument("--window", type=int, default=64, help="tokens stored around each example")
+    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--shard-sequences", type=int, default=256,
+                   help="sequences per shard (the unit of checkpoint and resume)")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    h.add_argument("--compile", action="store_true",
+                   help="fuse the per-batch reductions with torch.compile")
+    h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
+                   "or a SQLite file in the data directory)")
+    h.add_argument("--replace", action="store_true", help="harvest again sources that exist")
+    h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(func=cmd_harvest)
+
+    m = sub.add_parser("migrate", help="create or upgrade the database schema")
+    m.add_argument("--db", default=None)
+    m.set_defaults(func=cmd_migrate)
+
+    pr = sub.add_parser("prepare", help="cache the default model and built-in corpora")
+    pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
+    pr.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    try:
+        return args.func(args, settings) or 0
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""One Settings object, read from the environment (prefix FEATURESCOPE_)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_DATASET = "pydoc"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEATURESCOPE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("data")
+    """Where the SQLite database, model caches and harvest checkpoints live."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL; defaults to a SQLite file in data_dir."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.split(":", 1)[0].startswith(("sqlite", "postgresql")):
+            raise ValueError(f"FEATURESCOPE_DATABASE_URL must be sqlite or postgresql, got {v!r}")
+        return v
+
+    @cached_property
+    def db_url(self) -> str:
+        if self.database_url:
+            return normalize_db_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'featurescope.db').resolve()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept the usual spellings of a PostgreSQL URL and use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url

@@ -1,0 +1,1 @@
+"""The storage layer: tables, engine and sessions, read queries. Never imports torch."""

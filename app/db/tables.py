@@ -1,0 +1,187 @@
+"""Tables (SQLAlchemy 2.0). Every change goes through an Alembic migration in migrations/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SourceStatus(enum.StrEnum):
+    building = "building"
+    ready = "ready"
+    failed = "failed"
+
+
+class SourceKind(enum.StrEnum):
+    neurons = "neurons"
+    sae = "sae"
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(128), unique=True)
+    hub_id: Mapped[str] = mapped_column(Text, doc="hub id, local path or package file it was loaded from")
+    revision: Mapped[str | None] = mapped_column(String(64))
+    arch: Mapped[str] = mapped_column(String(64))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    d_mlp: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    tokenizer_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Vocabulary(Base):
+    """Display text of every token id of a model's tokenizer, as one JSON array."""
+
+    __tablename__ = "vocabularies"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    tokens: Mapped[list[str]] = mapped_column(JSON)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(160), unique=True)
+    name: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(Text, doc="provenance: where the text came from")
+    slice: Mapped[str] = mapped_column(String(128))
+    n_sequences: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    bos_policy: Mapped[str] = mapped_column(String(32))
+    tokenizer_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Sequence(Base):
+    """One tokenized sequence, stored once and shared by every example that points into it."""
+
+    __tablename__ = "sequences"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tokens: Mapped[bytes] = mapped_column(LargeBinary, doc="int32 little-endian token ids")
+
+
+class Source(Base):
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("model_id", "slug"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    slug: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    hook_name: Mapped[str] = mapped_column(String(128))
+    layer: Mapped[int] = mapped_column(Integer)
+    n_features: Mapped[int] = mapped_column(Integer)
+    sae_config: Mapped[dict | None] = mapped_column(JSON)
+    harvest_config: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=SourceStatus.building)
+    progress_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    version_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Feature(Base):
+    __tablename__ = "features"
+    __table_args__ = (
+        Index("ix_features_source_max", "source_id", "max_act"),
+        Index("ix_features_source_density", "source_id", "frac_active"),
+        {"sqlite_with_rowid": False},
+    )
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    max_act: Mapped[float] = mapped_column(Float)
+    min_act: Mapped[float] = mapped_column(Float)
+    mean_act: Mapped[float] = mapped_column(Float)
+    std_act: Mapped[float] = mapped_column(Float)
+    frac_active: Mapped[float] = mapped_column(Float, doc="fraction of tokens with activation > 0")
+    n_active: Mapped[int] = mapped_column(BigInteger)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    histogram: Mapped[list[int]] = mapped_column(JSON, doc="token counts per histogram bin")
+    top_logits: Mapped[list] = mapped_column(JSON, doc="[[token_id, value], ...] highest first")
+    bottom_logits: Mapped[list] = mapped_column(JSON, doc="[[token_id, value], ...] lowest first")
+    top_tokens: Mapped[list] = mapped_column(JSON, doc="[[token_id, count], ...] peak tokens of top examples")
+
+
+class ExampleGroup(enum.IntEnum):
+    """Stored as a small integer; quantile-N is QUANTILE + N."""
+
+    top = 0
+    bottom = 1
+    quantile = 2
+
+    @staticmethod
+    def name_of(code: int) -> str:
+        if code == ExampleGroup.top:
+            return "top"
+        if code == ExampleGroup.bottom:
+            return "bottom"
+        return f"quantile-{code - ExampleGroup.quantile}"
+
+    @staticmethod
+    def code_of(name: str) -> int:
+        if name == "top":
+            return ExampleGroup.top
+        if name == "bottom":
+            return ExampleGroup.bottom
+        if name.startswith("quantile-") and name[9:].isdigit():
+            return ExampleGroup.quantile + int(name[9:])
+        raise ValueError(f"unknown example group {name!r}")
+
+
+class Example(Base):
+    """A window of one sequence around where a feature peaked, with its activation at every token."""
+
+    __tablename__ = "examples"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    seq_idx: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(SmallInteger, doc="window start in the sequence")
+    peak_pos: Mapped[int] = mapped_column(SmallInteger, doc="peak position in the sequence")
+    peak_value: Mapped[float] = mapped_column(Float, doc="the exact (float32) peak activation")
+    acts: Mapped[bytes] = mapped_column(LargeBinary, doc="float16 little-endian, one per window token")

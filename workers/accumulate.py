@@ -1,0 +1,148 @@
+"""One source's state while a pass runs: batches in, a finished SourceState out.
+
+Windows of per-token activations are captured only for candidates that enter a ranking (most
+batches admit few), into a pool of slots; rankings carry slot ids, so re-sorting a ranking
+moves integers, not windows. The pool is compacted when it holds many evicted windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from workers.state import (
+    EMPTY_SEQ,
+    Ranked,
+    SourceState,
+    Stats,
+    batch_reduce,
+    sample_keys,
+)
+
+ReduceFn = Callable[[Tensor, int], tuple[Tensor, ...]]
+
+
+def window_start(pos: Tensor, seq_len: int, window: int) -> Tensor:
+    """Where the window around a peak at `pos` starts: about three quarters of it before the peak."""
+    before = window - window // 4 - 1
+    return (pos - before).clamp(0, seq_len - window)
+
+
+class Accumulator:
+    """Feeds batches of one source's activations [batch, seq, F] into its rankings and stats."""
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        top_k: int,
+        sample_size: int,
+        window: int,
+        bottom: bool,
+        first: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        reduce_fn: ReduceFn = batch_reduce,
+    ):
+        self.n_features = n_features
+        self.window = window
+        self.first = first
+        self.seed = seed
+        self.reduce_fn = reduce_fn
+        self.state = SourceState(
+            top=Ranked.empty(top_k, n_features, device),
+            bottom=Ranked.empty(top_k, n_features, device) if bottom else None,
+            sample=Ranked.empty(sample_size, n_features, device),
+            stats=Stats.empty(n_features, device),
+        )
+        self._chunks: list[Tensor] = []
+        self._pool_size = 0
+        self._live_slots = sum(r.score.numel() for r in self.state.rankings().values())
+
+    def update(self, acts: Tensor, seq0: int) -> None:
+        """acts: [batch, seq_len, F] for sequences seq0 .. seq0 + batch - 1."""
+        b, t, f = acts.shape
+        if f != self.n_features:
+            raise ValueError(f"expected {self.n_features} features, got {f}")
+        mx, amx, mn, amn, s, ss, n_active, hist = self.reduce_fn(acts, self.first)
+        st = self.state.stats
+        st.n_tokens += b * (t - self.first)
+        st.n_active += n_active
+        st.sum += s
+        st.sumsq += ss
+        st.max = torch.maximum(st.max, mx.max(0).values)
+        st.min = torch.minimum(st.min, mn.min(0).values)
+        st.hist += hist
+        self.state.n_sequences += b
+
+        seq = torch.arange(seq0, seq0 + b, device=acts.device)[:, None].expand(b, f)
+        neg_inf = torch.tensor(float("-inf"), device=acts.device)
+        empty = torch.tensor(EMPTY_SEQ, device=acts.device)
+
+        def candidates(score: Tensor, pos: Tensor, value: Tensor) -> Ranked:
+            ok = torch.isfinite(score)
+            return Ranked(score=score, seq=torch.where(ok, seq, empty), pos=pos.int(),
+                          value=value, slot=torch.full_like(seq, -1))
+
+        fired = mx > 0
+        self._admit(self.state.top, candidates(torch.where(fired, mx, neg_inf), amx, mx), acts, seq0)
+        if self.state.bottom is not None:
+            below = mn < 0
+            self._admit(self.state.bottom,
+                        candidates(torch.where(below, -mn, neg_inf), amn, mn), acts, seq0)
+        keys = sample_keys(seq[:, 0], f, self.seed)
+        self._admit(self.state.sample, candidates(torch.where(fired, keys, neg_inf), amx, mx),
+                    acts, seq0)
+        if self._pool_size > 4 * self._live_slots + 65536:
+            self._compact()
+
+    def _admit(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
+        new = ranking.offer(cand)
+        rows, feats = new.nonzero(as_tuple=True)
+        n = rows.numel()
+        if n == 0:
+            return
+        t = acts.shape[1]
+        b = ranking.seq[rows, feats] - seq0
+        start = window_start(ranking.pos[rows, feats].long(), t, self.window)
+        tok = start[:, None] + torch.arange(self.window, device=acts.device)
+        self._chunks.append(acts[b[:, None], tok, feats[:, None]].to(torch.float16))
+        ranking.slot[rows, feats] = torch.arange(
+            self._pool_size, self._pool_size + n, device=acts.device)
+        self._pool_size += n
+
+    def _pool(self) -> Tensor:
+        if not self._chunks:
+            dev = self.state.top.score.device
+            return torch.zeros(0, self.window, dtype=torch.float16, device=dev)
+        pool = torch.cat(self._chunks)
+        self._chunks = [pool]
+        return pool
+
+    def _compact(self) -> None:
+        """Drop windows no ranking refers to any more, and renumber the slots."""
+        pool = self._pool()
+        kept = []
+        offset = 0
+        for ranking in self.state.rankings().values():
+            live = ranking.slot >= 0
+            ids = ranking.slot[live]
+            kept.append(ids)
+            ranking.slot[live] = torch.arange(offset, offset + ids.numel(), device=ids.device)
+            offset += ids.numel()
+        self._chunks = [pool[torch.cat(kept)]]
+        self._pool_size = offset
+
+    def finish(self) -> SourceState:
+        """The finished state, with windows [size, F, window] in every ranking."""
+        pool = self._pool()
+        pool = torch.cat([pool, pool.new_zeros(1, self.window)])
+        for ranking in self.state.rankings().values():
+            idx = torch.where(ranking.slot >= 0, ranking.slot, pool.shape[0] - 1)
+            ranking.windows = pool[idx]
+            ranking.slot = torch.full_like(ranking.slot, -1)
+        self._chunks = []
+        self._pool_size = 0
+        return self.state

@@ -1,0 +1,211 @@
+"""The harvest: one streaming pass of a model over a dataset that fills one or more sources.
+
+The corpus is cut into shards of whole batches. Each shard yields a finished state per source;
+states merge exactly, whatever the order, so a run checkpoints the merged state after every
+shard and a rerun of the same command resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from workers.accumulate import Accumulator
+from workers.state import SourceState, batch_reduce
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HarvestConfig:
+    """How a harvest runs. Saved with every source it fills."""
+
+    top_k: int = 20
+    """Top (and bottom) examples kept per feature, one per sequence."""
+    n_ranges: int = 5
+    """Quantile groups of examples across the activation range."""
+    per_range: int = 5
+    """Examples shown per quantile group."""
+    window: int = 64
+    """Tokens of context stored around each example's peak (capped at seq_len)."""
+    batch_size: int = 8
+    shard_sequences: int = 256
+    """Sequences per shard (rounded up to whole batches): the unit of checkpoints and merges."""
+    seed: int = 0
+    """Seed of the priority-sampling keys."""
+    compile: bool = False
+    """Fuse the per-batch reductions with torch.compile (pays off on long CPU runs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "n_ranges", "per_range", "window", "batch_size", "shard_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def sample_size(self) -> int:
+        return self.n_ranges * self.per_range
+
+    @property
+    def batches_per_shard(self) -> int:
+        return -(-self.shard_sequences // self.batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SourceSpec:
+    """A set of units read at one hook point: a layer's neurons or one SAE's features."""
+
+    slug: str
+    kind: str  # "neurons" | "sae"
+    hook_name: str
+    layer: int
+    n_features: int
+    bottom: bool = True
+    """Keep bottom examples (neurons can fire negatively; SAE features cannot)."""
+    encode: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    """For SAE sources: [batch, seq, d_in] -> [batch, seq, d_sae]."""
+    sae_config: dict | None = None
+
+
+def neuron_sources(lm, layers: list[int]) -> list[SourceSpec]:
+    from workers.models import neuron_hook
+
+    return [
+        SourceSpec(slug=f"{layer}-mlp", kind="neurons", hook_name=neuron_hook(layer), layer=layer,
+                   n_features=lm.d_mlp)
+        for layer in layers
+    ]
+
+
+class Harvester:
+    """Runs shards of a tokenized dataset through a model and accumulates every source."""
+
+    def __init__(self, lm, tokens: Tensor, sources: list[SourceSpec], cfg: HarvestConfig,
+                 *, bos_first: bool):
+        if not sources:
+            raise ValueError("nothing to harvest: no sources")
+        slugs = [s.slug for s in sources]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"duplicate source slugs: {slugs}")
+        self.lm = lm
+        self.tokens = tokens
+        self.sources = sources
+        self.cfg = cfg
+        self.first = 1 if bos_first else 0
+        self.window = min(cfg.window, tokens.shape[1])
+        self.hooks = sorted({s.hook_name for s in sources})
+        self.reduce_fn = torch.compile(batch_reduce, dynamic=True) if cfg.compile else batch_reduce
+
+    @property
+    def n_shards(self) -> int:
+        per = self.cfg.batches_per_shard * self.cfg.batch_size
+        return -(-self.tokens.shape[0] // per)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        per = self.cfg.batches_per_shard * self.cfg.batch_size
+        return shard * per, min((shard + 1) * per, self.tokens.shape[0])
+
+    def run_shard(self, shard: int, progress: Callable[[int], None] | None = None
+                  ) -> dict[str, SourceState]:
+        device = self.lm.device
+        accs = {
+            s.slug: Accumulator(
+                s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
+                window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
+                device=device, reduce_fn=self.reduce_fn)
+            for s in self.sources
+        }
+        by_hook: dict[str, list[SourceSpec]] = {}
+        for s in self.sources:
+            by_hook.setdefault(s.hook_name, []).append(s)
+
+        lo, hi = self.shard_range(shard)
+        for b0 in range(lo, hi, self.cfg.batch_size):
+            b1 = min(b0 + self.cfg.batch_size, hi)
+            ids = self.tokens[b0:b1].to(device)
+
+            def on_activation(hook_name: str, act: Tensor, b0: int = b0) -> None:
+                for spec in by_hook[hook_name]:
+                    acts = act if spec.encode is None else spec.encode(act)
+                    accs[spec.slug].update(acts, b0)
+
+            self.lm.run_with_hooks(ids, self.hooks, on_activation)
+            if progress is not None:
+                progress((b1 - b0) * ids.shape[1])
+        states = {}
+        for slug, acc in accs.items():
+            st = acc.finish()
+            st.shards = frozenset({shard})
+            states[slug] = st
+        return states
+
+
+def merge_states(a: dict[str, SourceState] | None, b: dict[str, SourceState]
+                 ) -> dict[str, SourceState]:
+    if a is None:
+        return b
+    return {slug: a[slug].merge(b[slug]) for slug in a}
+
+
+class Checkpoint:
+    """The merged state of the finished shards of one run, saved atomically after each shard."""
+
+    def __init__(self, directory: Path, key: str):
+        self.dir = Path(directory) / key
+        self.path = self.dir / "state.pt"
+
+    @staticmethod
+    def key_for(**parts) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def load(self) -> dict[str, SourceState] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+    def save(self, states: dict[str, SourceState]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({k: v.to("cpu") for k, v in states.items()}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+        if self.dir.exists() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
+
+def run_harvest(harvester: Harvester, checkpoint: Checkpoint | None = None,
+                progress: Callable[[int], None] | None = None,
+                after_shard: Callable[[int], None] | None = None) -> dict[str, SourceState]:
+    """Every shard not yet in the checkpoint, merged into it; returns the states of all shards."""
+    merged = checkpoint.load() if checkpoint else None
+    done: frozenset[int] = frozenset()
+    if merged:
+        done = next(iter(merged.values())).shards
+        log.info("resuming: %d of %d shards already done", len(done), harvester.n_shards)
+        if progress is not None:
+            progress(sum(harvester.shard_range(s)[1] - harvester.shard_range(s)[0]
+                         for s in done) * harvester.tokens.shape[1])
+    for shard in range(harvester.n_shards):
+        if shard in done:
+            continue
+        states = harvester.run_shard(shard, progress)
+        merged = merge_states(merged, {k: v.to("cpu") for k, v in states.items()})
+        if checkpoint is not None:
+            checkpoint.save(merged)
+        if after_shard is not None:
+            after_shard(shard)
+    return {k: v.to("cpu") for k, v in merged.items()}

@@ -1,0 +1,262 @@
+"""Writes a harvest into the database.
+
+`begin` registers the model, the dataset (its sequences stored once) and the sources as
+`building`, so a server can show progress; `finish` writes every feature and example of the
+sources and flips them to `ready` in one transaction, so a source is visible only when whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sqlalchemy import Engine, delete, insert, select, update
+
+from app.db.engine import transaction
+from app.db.tables import (
+    Dataset,
+    Example,
+    ExampleGroup,
+    Feature,
+    Model,
+    Sequence,
+    Source,
+    SourceStatus,
+    Vocabulary,
+    utcnow,
+)
+from workers.accumulate import window_start
+from workers.corpus import tokenizer_hash
+from workers.harvest import HarvestConfig, SourceSpec
+from workers.state import Ranked, SourceState
+
+log = logging.getLogger(__name__)
+
+N_LOGITS = 10
+N_TOP_TOKENS = 5
+INSERT_CHUNK = 20_000
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class Registered:
+    model_id: int
+    dataset_id: int
+    source_ids: dict[str, int]
+
+
+def _model_row(session, lm) -> Model:
+    row = session.scalar(select(Model).where(Model.slug == lm.slug))
+    thash = tokenizer_hash(lm.tokenizer)
+    if row is not None:
+        if row.tokenizer_hash != thash or row.d_mlp != lm.d_mlp or row.n_layers != lm.n_layers:
+            raise StoreError(
+                f"model {lm.slug!r} is already in the database with a different tokenizer or "
+                f"shape (from {row.hub_id}); load this one under another name")
+        return row
+    row = Model(slug=lm.slug, hub_id=lm.source, revision=lm.revision, arch=lm.arch,
+                n_layers=lm.n_layers, d_model=lm.d_model, d_mlp=lm.d_mlp,
+                vocab_size=lm.vocab_size, tokenizer_hash=thash)
+    session.add(row)
+    session.flush()
+    session.add(Vocabulary(model_id=row.id, tokens=lm.token_strings()))
+    return row
+
+
+def _dataset_row(session, dataset) -> Dataset:
+    row = session.scalar(select(Dataset).where(Dataset.slug == dataset.slug))
+    if row is not None:
+        return row
+    row = Dataset(slug=dataset.slug, name=dataset.name, source=dataset.source,
+                  slice=dataset.slice, n_sequences=dataset.n_sequences, seq_len=dataset.seq_len,
+                  bos_policy=dataset.bos_policy, tokenizer_hash=dataset.tokenizer_hash)
+    session.add(row)
+    session.flush()
+    toks = dataset.tokens.to(torch.int32).numpy().astype("<i4")
+    rows = [{"dataset_id": row.id, "idx": i, "tokens": toks[i].tobytes()} for i in range(len(toks))]
+    for i in range(0, len(rows), INSERT_CHUNK):
+        session.execute(insert(Sequence), rows[i:i + INSERT_CHUNK])
+    return row
+
+
+def begin(engine: Engine, lm, dataset, specs: list[SourceSpec], cfg: HarvestConfig,
+          *, replace: bool = False) -> Registered:
+    """Register everything and mark the sources `building`. A ready source of the same name is
+    refused unless `replace`; a building or failed one (an earlier, interrupted run) is reused."""
+    with transaction(engine) as session:
+        model = _model_row(session, lm)
+        ds = _dataset_row(session, dataset)
+        ids = {}
+        for spec in specs:
+            src = session.scalar(select(Source).where(Source.model_id == model.id,
+                                                      Source.slug == spec.slug))
+            if src is not None and src.status == SourceStatus.ready and not replace:
+                raise StoreError(
+                    f"source {lm.slug}/{spec.slug} is already harvested; pass --replace to "
+                    "harvest it again")
+            if src is None:
+                src = Source(model_id=model.id, slug=spec.slug)
+                session.add(src)
+            src.dataset_id = ds.id
+            src.kind = spec.kind
+            src.hook_name = spec.hook_name
+            src.layer = spec.layer
+            src.n_features = spec.n_features
+            src.sae_config = spec.sae_config
+            src.harvest_config = cfg.to_dict()
+            src.status = SourceStatus.building
+            src.progress_tokens = 0
+            src.total_tokens = dataset.n_tokens
+            src.error = None
+            session.flush()
+            ids[spec.slug] = src.id
+        return Registered(model.id, ds.id, ids)
+
+
+def report_progress(engine: Engine, reg: Registered, n_tokens: int) -> None:
+    with transaction(engine) as session:
+        session.execute(update(Source).where(Source.id.in_(reg.source_ids.values()))
+                        .values(progress_tokens=n_tokens))
+
+
+def fail(engine: Engine, reg: Registered, error: str) -> None:
+    with transaction(engine) as session:
+        session.execute(update(Source).where(Source.id.in_(reg.source_ids.values()),
+                                             Source.status == SourceStatus.building)
+                        .values(status=SourceStatus.failed, error=error[:2000]))
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.7g}")
+
+
+def logit_tables(lm, directions: torch.Tensor, k: int = N_LOGITS, chunk: int = 512
+                 ) -> tuple[list, list]:
+    """Direct logit attribution of each direction [n, d_model]: the top and bottom k tokens."""
+    tops, bottoms = [], []
+    for i in range(0, directions.shape[0], chunk):
+        eff = lm.logit_effects(directions[i:i + chunk].to(lm.device)).float()
+        tv, ti = eff.topk(k, dim=1)
+        bv, bi = eff.topk(k, dim=1, largest=False)
+        for rv, ri, out in ((tv, ti, tops), (bv, bi, bottoms)):
+            for vals, idx in zip(rv.tolist(), ri.tolist(), strict=True):
+                out.append([[t, _sig(v)] for t, v in zip(idx, vals, strict=True)])
+    return tops, bottoms
+
+
+def quantile_picks(sample: Ranked, n_ranges: int, per_range: int) -> list[tuple[int, torch.Tensor]]:
+    """Rows of the sample to show per quantile group: the fired sequences of the sample, sorted by
+    activation, cut into n_ranges groups of equal count, per_range picked evenly from each.
+
+    Returns, per group, (group index, rows [per_range, F] with -1 where there is none).
+    """
+    value = torch.where(torch.isfinite(sample.score), sample.value, torch.tensor(float("inf")))
+    order = torch.argsort(value, dim=0, stable=True)  # fired ones first, ascending
+    n = torch.isfinite(sample.score).sum(0)  # [F]
+    j = torch.arange(per_range)[:, None]
+    out = []
+    for g in range(n_ranges):
+        lo = g * n // n_ranges
+        hi = (g + 1) * n // n_ranges
+        width = hi - lo
+        pick = torch.where(width >= per_range, lo + (j * width) // per_range, lo + j)
+        valid = j < torch.minimum(width, torch.tensor(per_range))
+        rows = order.gather(0, pick.clamp(max=sample.size - 1))
+        out.append((g, torch.where(valid, rows, torch.tensor(-1))))
+    return out
+
+
+def _example_rows(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
+                  seq_len: int, window: int) -> list[dict]:
+    """rows: [n, F] indices into the ranking (-1 = none), in rank order."""
+    f_idx = torch.arange(rows.shape[1])[None, :].expand_as(rows)
+    ok = rows >= 0
+    r, fs = rows[ok], f_idx[ok]
+    rank = (ok.cumsum(0) - 1)[ok]
+    seq = ranking.seq[r, fs]
+    pos = ranking.pos[r, fs].long()
+    start = window_start(pos, seq_len, window)
+    value = ranking.value[r, fs]
+    acts = ranking.windows[r, fs].numpy().astype("<f2")
+    return [
+        {"source_id": source_id, "feature_idx": f, "group": group, "rank": k, "seq_idx": s,
+         "start": st, "peak_pos": p, "peak_value": v, "acts": a.tobytes()}
+        for f, k, s, st, p, v, a in zip(fs.tolist(), rank.tolist(), seq.tolist(), start.tolist(),
+                                         pos.tolist(), value.tolist(), acts, strict=True)
+    ]
+
+
+def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec],
+           states: dict[str, SourceState], cfg: HarvestConfig,
+           directions: dict[str, torch.Tensor]) -> None:
+    """Write features and examples of every source and mark them ready, in one transaction.
+
+    directions: per source slug, the output direction of each feature [F, d_model] for the
+    direct logit attribution (W_out rows for neurons, W_dec for SAE features).
+    """
+    seq_len = dataset.seq_len
+    with transaction(engine) as session:
+        for spec in specs:
+            sid = reg.source_ids[spec.slug]
+            st = states[spec.slug]
+            session.execute(delete(Example).where(Example.source_id == sid))
+            session.execute(delete(Feature).where(Feature.source_id == sid))
+            window = st.top.windows.shape[-1]
+            tops, bottoms = logit_tables(lm, directions[spec.slug])
+
+            peak_tok = dataset.tokens[st.top.seq.clamp(max=len(dataset.tokens) - 1),
+                                      st.top.pos.long()]
+            fired = torch.isfinite(st.top.score)
+            stats = st.stats
+            n = max(stats.n_tokens, 1)
+            cols = zip(stats.max.tolist(), stats.min.tolist(), stats.mean.tolist(),
+                       stats.std.tolist(), stats.n_active.tolist(), stats.hist.tolist(),
+                       strict=True)
+            feats = []
+            for f, (mx, mn, mean, std, nact, hist) in enumerate(cols):
+                toks, counts = peak_tok[:, f][fired[:, f]].unique(return_counts=True)
+                order = counts.argsort(descending=True, stable=True)[:N_TOP_TOKENS]
+                feats.append({
+                    "source_id": sid, "idx": f, "max_act": mx, "min_act": mn, "mean_act": mean,
+                    "std_act": std, "frac_active": nact / n, "n_active": nact,
+                    "n_tokens": stats.n_tokens, "histogram": hist, "top_logits": tops[f],
+                    "bottom_logits": bottoms[f],
+                    "top_tokens": [[t, c] for t, c in zip(toks[order].tolist(),
+                                                          counts[order].tolist(), strict=True)],
+                })
+            for i in range(0, len(feats), INSERT_CHUNK):
+                session.execute(insert(Feature), feats[i:i + INSERT_CHUNK])
+
+            groups = [(ExampleGroup.top, st.top, torch.arange(st.top.size)[:, None].expand(
+                -1, spec.n_features))]
+            if st.bottom is not None:
+                groups.append((ExampleGroup.bottom, st.bottom, torch.arange(
+                    st.bottom.size)[:, None].expand(-1, spec.n_features)))
+            for g, rows in quantile_picks(st.sample, cfg.n_ranges, cfg.per_range):
+                groups.append((ExampleGroup.quantile + g, st.sample, rows))
+            for code, ranking, rows in groups:
+                rows = torch.where(torch.isfinite(ranking.score.gather(0, rows.clamp(min=0))),
+                                   rows, torch.tensor(-1))
+                ex = _example_rows(sid, int(code), ranking, rows, seq_len, window)
+                for i in range(0, len(ex), INSERT_CHUNK):
+                    session.execute(insert(Example), ex[i:i + INSERT_CHUNK])
+
+            finished = utcnow()
+            version = hashlib.sha256(json.dumps(
+                [lm.source, dataset.slug, spec.slug, spec.hook_name, cfg.to_dict(),
+                 finished.isoformat()], default=str).encode()).hexdigest()[:20]
+            session.execute(update(Source).where(Source.id == sid).values(
+                status=SourceStatus.ready, progress_tokens=dataset.n_tokens,
+                finished_at=finished, version_hash=version, error=None))
+    log.info("stored %d sources", len(specs))
+
+
+def sequence_tokens(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<i4")
