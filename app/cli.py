@@ -54,12 +54,18 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = HarvestConfig(top_k=args.top_k, batch_size=args.batch_size,
                         shard_sequences=args.shard_sequences, window=args.window,
-                        compile=args.compile)
+                        compile=not args.no_compile)
     device = _device(args.device)
     lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
     dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
                            max_tokens=args.max_tokens, cache_dir=settings.cache_dir)
-    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers))
+    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers)) if args.layers != "none" else []
+    if args.sae:
+        from workers.sae import sae_sources
+
+        specs += sae_sources(lm, args.sae, device=device)
+    if not specs:
+        raise SystemExit("error: nothing to harvest: --layers none and no --sae")
     log.info("%s on %s: %d sequences x %d tokens, %d sources, %d features, device %s",
              lm.slug, dataset.slug, dataset.n_sequences, dataset.seq_len, len(specs),
              sum(s.n_features for s in specs), device)
@@ -90,9 +96,8 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
         with torch.inference_mode():
             states = run_harvest(harvester, ckpt, progress)
         bar.close()
-        directions = {s.slug: lm.mlp_out_directions(s.layer) for s in specs}
         t0 = time.monotonic()
-        store.finish(engine, reg, lm, dataset, specs, states, cfg, directions)
+        store.finish(engine, reg, lm, dataset, specs, states, cfg)
         log.info("written in %.1f s", time.monotonic() - t0)
     except KeyboardInterrupt:
         bar.close()
@@ -106,6 +111,18 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     print(f"harvested {len(specs)} sources of {lm.slug} over {dataset.n_tokens} tokens "
           f"of {dataset.name} into {engine.url.render_as_string(hide_password=True)}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from app.main import serve
+
+    return serve(args, settings)
+
+
+def cmd_train_sae(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.train import cmd_train_sae as run
+
+    return run(args, settings, device=_device(args.device))
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in name, local HF folder, .gguf file or hub id")
     h.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="built-in name (pydoc, austen), a .txt/.jsonl/.parquet file or hf:NAME")
-    h.add_argument("--layers", default="all", help="'all', '0,5,11' or '2-4'")
+    h.add_argument("--layers", default="all",
+                   help="neurons of which layers: 'all', 'none', '0,5,11' or '2-4'")
+    h.add_argument("--sae", action="append", default=[], metavar="DIR",
+                   help="an SAE folder (SAELens layout) or Gemma Scope params.npz; repeatable")
     h.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")
     h.add_argument("--seq-len", type=int, default=128)
     h.add_argument("--top-k", type=int, default=20)
@@ -149,13 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--shard-sequences", type=int, default=256,
                    help="sequences per shard (the unit of checkpoint and resume)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    h.add_argument("--compile", action="store_true",
-                   help="fuse the per-batch reductions with torch.compile")
+    h.add_argument("--no-compile", action="store_true",
+                   help="run the per-batch reductions eagerly instead of fused by torch.compile")
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
     h.add_argument("--replace", action="store_true", help="harvest again sources that exist")
     h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     h.set_defaults(func=cmd_harvest)
+
+    s = sub.add_parser("serve", help="serve the explorer and its JSON API")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--db", default=None)
+    s.add_argument("--live", action="store_true",
+                   help="load the models of the served sources to run your own text")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("train-sae", help="train a sparse autoencoder on a hook point")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--dataset", default=DEFAULT_DATASET)
+    t.add_argument("--hook", required=True, help="hook point, e.g. blocks.6.hook_resid_post")
+    t.add_argument("--features", type=int, required=True, help="number of SAE latents")
+    kind = t.add_mutually_exclusive_group()
+    kind.add_argument("--k", type=int, default=None, help="TopK SAE with k active latents")
+    kind.add_argument("--l1", type=float, default=None, help="ReLU SAE with this L1 coefficient")
+    t.add_argument("--architecture", choices=["topk", "relu", "jumprelu"], default=None,
+                   help="defaults to topk with --k and relu with --l1")
+    t.add_argument("--max-tokens", type=int, default=None)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per model batch")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="folder to write (SAELens layout)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_sae)
 
     m = sub.add_parser("migrate", help="create or upgrade the database schema")
     m.add_argument("--db", default=None)

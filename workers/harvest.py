@@ -74,6 +74,9 @@ class SourceSpec:
     """Keep bottom examples (neurons can fire negatively; SAE features cannot)."""
     encode: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     """For SAE sources: [batch, seq, d_in] -> [batch, seq, d_sae]."""
+    directions: Callable[[], Tensor] | None = field(default=None, repr=False)
+    """Each feature's output direction [F, d_model], for direct logit attribution
+    (W_out rows for neurons, W_dec rows for SAE features)."""
     sae_config: dict | None = None
 
 
@@ -82,9 +85,30 @@ def neuron_sources(lm, layers: list[int]) -> list[SourceSpec]:
 
     return [
         SourceSpec(slug=f"{layer}-mlp", kind="neurons", hook_name=neuron_hook(layer), layer=layer,
-                   n_features=lm.d_mlp)
+                   n_features=lm.d_mlp,
+                   directions=lambda layer=layer: lm.mlp_out_directions(layer))
         for layer in layers
     ]
+
+
+def compiled_reduce() -> Callable[[Tensor, int], tuple[Tensor, ...]]:
+    """batch_reduce fused by torch.compile; falls back to eager if compiling fails (no C++
+    compiler, unsupported device) so a harvest never dies of it."""
+    compiled = torch.compile(batch_reduce)
+
+    def reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
+        nonlocal compiled
+        try:
+            return compiled(acts, first)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eager"
+            if compiled is batch_reduce:
+                raise
+            log.warning("torch.compile failed (%s: %s); using eager reductions",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            compiled = batch_reduce
+            return batch_reduce(acts, first)
+
+    return reduce
 
 
 class Harvester:
@@ -104,7 +128,7 @@ class Harvester:
         self.first = 1 if bos_first else 0
         self.window = min(cfg.window, tokens.shape[1])
         self.hooks = sorted({s.hook_name for s in sources})
-        self.reduce_fn = torch.compile(batch_reduce, dynamic=True) if cfg.compile else batch_reduce
+        self.reduce_fn = compiled_reduce() if cfg.compile else batch_reduce
 
     @property
     def n_shards(self) -> int:

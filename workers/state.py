@@ -82,6 +82,9 @@ def _best_rows(score: Tensor, seq: Tensor, keep: int) -> Tensor:
     return by_seq.gather(0, order[:keep])
 
 
+_FIELDS = ("score", "seq", "pos", "value", "slot")
+
+
 @dataclass
 class Ranked:
     """The best `size` candidates per feature under one score: all tensors [size, F].
@@ -113,8 +116,7 @@ class Ranked:
         return self.score.shape[0]
 
     def _take(self, other: Ranked, rows: Tensor) -> Ranked:
-        cat = {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in
-               ("score", "seq", "pos", "value", "slot")}
+        cat = {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in _FIELDS}
         out = {name: t.gather(0, rows) for name, t in cat.items()}
         if self.windows is not None and other.windows is not None:
             w = torch.cat([self.windows, other.windows])
@@ -123,13 +125,28 @@ class Ranked:
 
     def offer(self, cand: Ranked) -> Tensor:
         """Merge a batch of candidates in place; returns a bool mask [size, F] of the entries
-        that came from `cand` (they need windows)."""
+        that came from `cand` (they need windows).
+
+        Within a pass, batches come in increasing sequence order, so a candidate enters only by
+        beating the current last entry outright: features where none does are left untouched,
+        which makes a late batch nearly free.
+        """
         size = self.size
-        rows = _best_rows(torch.cat([self.score, cand.score]), torch.cat([self.seq, cand.seq]), size)
-        merged = self._take(cand, rows)
-        self.score, self.seq, self.pos, self.value, self.slot = (
-            merged.score, merged.seq, merged.pos, merged.value, merged.slot)
-        return (rows >= size) & torch.isfinite(self.score)
+        new = torch.zeros_like(self.score, dtype=torch.bool)
+        cols = (cand.score > self.score[-1]).any(0).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return new
+        mine, theirs = self._columns(cols), cand._columns(cols)
+        rows = _best_rows(torch.cat([mine.score, theirs.score]),
+                          torch.cat([mine.seq, theirs.seq]), size)
+        merged = mine._take(theirs, rows)
+        for name in _FIELDS:
+            getattr(self, name)[:, cols] = getattr(merged, name)
+        new[:, cols] = (rows >= size) & torch.isfinite(merged.score)
+        return new
+
+    def _columns(self, cols: Tensor) -> Ranked:
+        return Ranked(*(getattr(self, name)[:, cols] for name in _FIELDS))
 
     def merge(self, other: Ranked) -> Ranked:
         """The exact merge of two finished states (windows included)."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sqlalchemy import Engine, delete, insert, select, update
 
+from app.db.bulk import bulk_insert
 from app.db.engine import transaction
 from app.db.tables import (
     Dataset,
@@ -134,7 +135,12 @@ def fail(engine: Engine, reg: Registered, error: str) -> None:
 
 
 def _sig(x: float) -> float:
-    return float(f"{x:.7g}")
+    """Logit effects to 5 significant digits: what any page shows, and a lighter row."""
+    return float(f"{x:.5g}")
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def logit_tables(lm, directions: torch.Tensor, k: int = N_LOGITS, chunk: int = 512
@@ -173,8 +179,15 @@ def quantile_picks(sample: Ranked, n_ranges: int, per_range: int) -> list[tuple[
     return out
 
 
+EXAMPLE_COLUMNS = ("source_id", "feature_idx", "group", "rank", "seq_idx", "start", "peak_pos",
+                   "peak_value", "acts")
+FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_act",
+                   "frac_active", "n_active", "n_tokens", "histogram", "top_logits",
+                   "bottom_logits", "top_tokens")
+
+
 def _example_rows(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
-                  seq_len: int, window: int) -> list[dict]:
+                  seq_len: int, window: int) -> list[tuple]:
     """rows: [n, F] indices into the ranking (-1 = none), in rank order."""
     f_idx = torch.arange(rows.shape[1])[None, :].expand_as(rows)
     ok = rows >= 0
@@ -186,20 +199,17 @@ def _example_rows(source_id: int, group: int, ranking: Ranked, rows: torch.Tenso
     value = ranking.value[r, fs]
     acts = ranking.windows[r, fs].numpy().astype("<f2")
     return [
-        {"source_id": source_id, "feature_idx": f, "group": group, "rank": k, "seq_idx": s,
-         "start": st, "peak_pos": p, "peak_value": v, "acts": a.tobytes()}
+        (source_id, f, group, k, s, st, p, v, a.tobytes())
         for f, k, s, st, p, v, a in zip(fs.tolist(), rank.tolist(), seq.tolist(), start.tolist(),
                                          pos.tolist(), value.tolist(), acts, strict=True)
     ]
 
 
 def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec],
-           states: dict[str, SourceState], cfg: HarvestConfig,
-           directions: dict[str, torch.Tensor]) -> None:
+           states: dict[str, SourceState], cfg: HarvestConfig) -> None:
     """Write features and examples of every source and mark them ready, in one transaction.
 
-    directions: per source slug, the output direction of each feature [F, d_model] for the
-    direct logit attribution (W_out rows for neurons, W_dec for SAE features).
+    Top and bottom logit tokens come from each source's output directions (spec.directions).
     """
     seq_len = dataset.seq_len
     with transaction(engine) as session:
@@ -209,7 +219,7 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             session.execute(delete(Example).where(Example.source_id == sid))
             session.execute(delete(Feature).where(Feature.source_id == sid))
             window = st.top.windows.shape[-1]
-            tops, bottoms = logit_tables(lm, directions[spec.slug])
+            tops, bottoms = logit_tables(lm, spec.directions())
 
             peak_tok = dataset.tokens[st.top.seq.clamp(max=len(dataset.tokens) - 1),
                                       st.top.pos.long()]
@@ -223,16 +233,11 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             for f, (mx, mn, mean, std, nact, hist) in enumerate(cols):
                 toks, counts = peak_tok[:, f][fired[:, f]].unique(return_counts=True)
                 order = counts.argsort(descending=True, stable=True)[:N_TOP_TOKENS]
-                feats.append({
-                    "source_id": sid, "idx": f, "max_act": mx, "min_act": mn, "mean_act": mean,
-                    "std_act": std, "frac_active": nact / n, "n_active": nact,
-                    "n_tokens": stats.n_tokens, "histogram": hist, "top_logits": tops[f],
-                    "bottom_logits": bottoms[f],
-                    "top_tokens": [[t, c] for t, c in zip(toks[order].tolist(),
-                                                          counts[order].tolist(), strict=True)],
-                })
-            for i in range(0, len(feats), INSERT_CHUNK):
-                session.execute(insert(Feature), feats[i:i + INSERT_CHUNK])
+                top_tokens = [[t, c] for t, c in zip(toks[order].tolist(),
+                                                     counts[order].tolist(), strict=True)]
+                feats.append((sid, f, mx, mn, mean, std, nact / n, nact, stats.n_tokens,
+                              _json(hist), _json(tops[f]), _json(bottoms[f]), _json(top_tokens)))
+            bulk_insert(session, Feature.__table__, FEATURE_COLUMNS, feats)
 
             groups = [(ExampleGroup.top, st.top, torch.arange(st.top.size)[:, None].expand(
                 -1, spec.n_features))]
@@ -244,9 +249,8 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             for code, ranking, rows in groups:
                 rows = torch.where(torch.isfinite(ranking.score.gather(0, rows.clamp(min=0))),
                                    rows, torch.tensor(-1))
-                ex = _example_rows(sid, int(code), ranking, rows, seq_len, window)
-                for i in range(0, len(ex), INSERT_CHUNK):
-                    session.execute(insert(Example), ex[i:i + INSERT_CHUNK])
+                bulk_insert(session, Example.__table__, EXAMPLE_COLUMNS,
+                            _example_rows(sid, int(code), ranking, rows, seq_len, window))
 
             finished = utcnow()
             version = hashlib.sha256(json.dumps(

@@ -1,0 +1,142 @@
+"""Harvest cost against the bare forward passes on the same batches, measured in one run.
+
+    .venv/bin/python bench/harvest.py [--batches 8] [--layers all] [--compile] [--sae DIR]
+
+Prints the harvest's wall time over the bare forward passes' (the same truncated pass,
+blocks 0..last needed layer, plus the SAE encode for SAE sources), tokens per second, and the
+bytes on disk per feature once written to a SQLite file. Bare and harvest passes alternate
+and each figure is the best of --repeats rounds, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from app.cli import parse_layers  # noqa: E402
+from app.db.engine import make_engine, upgrade  # noqa: E402
+from workers import store  # noqa: E402
+from workers.corpus import load_dataset  # noqa: E402
+from workers.harvest import Harvester, HarvestConfig, neuron_sources  # noqa: E402
+from workers.models import load_model  # noqa: E402
+
+
+def bare_pass(lm, batches, specs) -> float:
+    last = max(s.layer for s in specs)
+    hooks = sorted({s.hook_name for s in specs if s.encode is not None})
+    encoders = {s.hook_name: s.encode for s in specs if s.encode is not None}
+    t0 = time.perf_counter()
+    for ids in batches:
+        if hooks:  # SAE encode is part of the bare cost
+            lm.run_with_hooks(ids, hooks + [f"blocks.{last}.hook_resid_post"],
+                              lambda name, a: encoders[name](a) if name in encoders else None)
+        else:
+            lm.forward_to(ids, last)
+    return time.perf_counter() - t0
+
+
+def harvest_pass(harvester) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    states = harvester.run_shard(0)
+    return time.perf_counter() - t0, states
+
+
+def sqlite_bytes(path: Path, table: str) -> int:
+    """Bytes of a table and its indexes in a SQLite file (the dbstat virtual table)."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    try:
+        names = [r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE tbl_name = ?", (table,))]
+        marks = ",".join("?" * len(names))
+        return con.execute(f"SELECT SUM(pgsize) FROM dbstat WHERE name IN ({marks})",
+                           names).fetchone()[0]
+    finally:
+        con.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dataset", default="pydoc")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--sae", action="append", default=[])
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--no-store", action="store_true", help="skip the bytes-on-disk measurement")
+    args = p.parse_args()
+
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model, device=args.device, cache_dir=Path(args.cache_dir))
+    n_seq = args.batches * args.batch_size
+    ds = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
+                      max_tokens=n_seq * args.seq_len, cache_dir=Path(args.cache_dir))
+    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers)) if args.layers != "none" \
+        else []
+    if args.sae:
+        from workers.sae import sae_sources
+
+        specs += sae_sources(lm, args.sae, device=args.device)
+    cfg = HarvestConfig(batch_size=args.batch_size, shard_sequences=n_seq, compile=args.compile)
+    harvester = Harvester(lm, ds.tokens, specs, cfg, bos_first=ds.bos_policy == "bos-prepended")
+    batches = [ds.tokens[i:i + args.batch_size].to(args.device)
+               for i in range(0, n_seq, args.batch_size)]
+    n_tokens = n_seq * args.seq_len
+    n_features = sum(s.n_features for s in specs)
+
+    with torch.inference_mode():
+        bare_pass(lm, batches[:1], specs)  # warm-up (and compile, if asked)
+        Harvester(lm, ds.tokens[:args.batch_size], specs, cfg, bos_first=True).run_shard(0)
+        bare, harv = [], []
+        for _ in range(args.repeats):
+            bare.append(bare_pass(lm, batches, specs))
+            t, states = harvest_pass(harvester)
+            harv.append(t)
+    b, h = min(bare), min(harv)
+
+    print(f"model {lm.slug} on {args.device}, {torch.get_num_threads()} threads; "
+          f"{len(specs)} sources, {n_features:,} features; {args.batches} batches of "
+          f"{args.batch_size} x {args.seq_len} = {n_tokens:,} tokens; compile={args.compile}")
+    print(f"bare forward      {b:8.2f} s   {n_tokens / b:9.0f} tok/s   (runs: "
+          + ", ".join(f"{x:.2f}" for x in bare) + ")")
+    print(f"harvest           {h:8.2f} s   {n_tokens / h:9.0f} tok/s   (runs: "
+          + ", ".join(f"{x:.2f}" for x in harv) + ")")
+    print(f"ratio harvest / bare forward: {h / b:.3f}   (target <= 1.2)")
+
+    if args.no_store:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.db"
+        engine = make_engine(f"sqlite:///{path}")
+        upgrade(engine)
+        reg = store.begin(engine, lm, ds, specs, cfg)
+        t0 = time.perf_counter()
+        store.finish(engine, reg, lm, ds, specs, states, cfg)
+        t_write = time.perf_counter() - t0
+        engine.dispose()
+        con = sqlite3.connect(path)
+        n_ex = con.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        con.close()
+        f_bytes = sqlite_bytes(path, "features") / n_features
+        e_bytes = sqlite_bytes(path, "examples") / max(n_ex, 1)
+        print(f"write to SQLite   {t_write:8.2f} s   {n_features / t_write:9.0f} features/s")
+        print(f"on disk           {f_bytes + e_bytes * n_ex / n_features:8.0f} B per feature "
+              f"({f_bytes:.0f} B feature row + {n_ex / n_features:.1f} examples x "
+              f"{e_bytes:.0f} B; windows of {harvester.window} tokens; indexes included)")
+        print(f"  a feature with 40 examples: {f_bytes + 40 * e_bytes:.0f} B (target <= 8192)")
+
+if __name__ == "__main__":
+    main()
