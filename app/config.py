@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL; defaults to a SQLite file in data_dir."""
 
+    cache: Path | None = None
+    """Where converted models and fetched corpora are cached; defaults to data_dir/cache."""
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -39,7 +42,7 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+        return self.cache if self.cache is not None else self.data_dir / "cache"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -1,0 +1,157 @@
+"""The `featurescope` command end to end: real processes, real kills, the real default model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import create_engine, select, text
+
+from app.cli import main, parse_layers
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CACHE = REPO / "data" / "cache"
+
+
+def harvest_cmd(model_dir: Path, db: Path) -> list[str]:
+    return [sys.executable, "-m", "app.cli", "harvest", "--model", str(model_dir),
+            "--dataset", "pydoc", "--max-tokens", str(480 * 32), "--seq-len", "32",
+            "--batch-size", "4", "--shard-sequences", "16", "--top-k", "6", "--window", "12",
+            "--no-compile", "--db", f"sqlite:///{db}", "-q"]
+
+
+def dump(db: Path) -> tuple[list, list]:
+    eng = create_engine(f"sqlite:///{db}")
+    with eng.connect() as conn:
+        feats = conn.execute(text(
+            "SELECT s.slug, f.* FROM features f JOIN sources s ON s.id = f.source_id "
+            "ORDER BY s.slug, f.idx")).all()
+        exs = conn.execute(text(
+            "SELECT s.slug, e.* FROM examples e JOIN sources s ON s.id = e.source_id "
+            "ORDER BY s.slug, e.feature_idx, e.\"group\", e.rank")).all()
+        status = {r.status for r in conn.execute(text("SELECT status FROM sources"))}
+    eng.dispose()
+    assert status == {"ready"}
+    # drop the source ids: the two databases number them independently
+    return [tuple(r[:1]) + tuple(r[2:]) for r in feats], [tuple(r[:1]) + tuple(r[2:]) for r in exs]
+
+
+def test_killed_harvest_resumes_to_the_uninterrupted_result(tmp_path, tiny_llama_dir):
+    env = {**os.environ, "FEATURESCOPE_DATA_DIR": str(tmp_path / "a")}
+    proc = subprocess.Popen(harvest_cmd(tiny_llama_dir, tmp_path / "a.db"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    ckpt_root = tmp_path / "a" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(ckpt_root.glob("*/state.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with create_engine(f"sqlite:///{tmp_path / 'a.db'}").connect() as conn:
+        assert {r[0] for r in conn.execute(text("SELECT status FROM sources"))} == {"building"}
+
+    resumed = subprocess.run(harvest_cmd(tiny_llama_dir, tmp_path / "a.db"), env=env,
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stderr
+    assert not list(ckpt_root.glob("*/state.pt")), "the checkpoint is cleared once stored"
+
+    env_b = {**os.environ, "FEATURESCOPE_DATA_DIR": str(tmp_path / "b")}
+    whole = subprocess.run(harvest_cmd(tiny_llama_dir, tmp_path / "b.db"), env=env_b,
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    assert "resuming:" not in whole.stderr
+    feats_a, ex_a = dump(tmp_path / "a.db")
+    feats_b, ex_b = dump(tmp_path / "b.db")
+    assert len(feats_a) == 2 * 96 and len(ex_a) > 1000
+    assert feats_a == feats_b
+    assert ex_a == ex_b
+
+
+def test_rerun_of_a_finished_harvest_is_refused(tmp_path, tiny_gpt2_dir, capsys, monkeypatch):
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
+    args = ["harvest", "--model", str(tiny_gpt2_dir), "--dataset", "pydoc", "--max-tokens",
+            "1024", "--seq-len", "32", "--layers", "1", "--no-compile", "-q"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert main(args + ["--replace"]) == 0
+
+
+@pytest.mark.parametrize("text_, want", [("all", [0, 1, 2, 3]), ("0,2", [0, 2]),
+                                         ("1-3", [1, 2, 3]), ("0,2-3", [0, 2, 3])])
+def test_parse_layers(text_, want):
+    assert parse_layers(text_, 4) == want
+
+
+@pytest.mark.parametrize("bad", ["4", "x", "-1", "2-9", ""])
+def test_parse_layers_refuses_bad_input(bad):
+    with pytest.raises(SystemExit, match="layers"):
+        parse_layers(bad, 4)
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(tmp_path, monkeypatch):
+    """A few thousand tokens of the real SmolLM2-135M through the CLI (compiled reductions), then
+    the stored numbers of three layers against a brute-force pass over every token."""
+    from workers.models import load_model
+
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEATURESCOPE_CACHE", str(SHARED_CACHE))
+    db = tmp_path / "e2e.db"
+    assert main(["harvest", "--dataset", "pydoc", "--max-tokens", "3072", "--layers", "0,15,29",
+                 "--db", f"sqlite:///{db}", "-q"]) == 0
+
+    lm = load_model("smollm2-135m-instruct", cache_dir=SHARED_CACHE)
+    eng = create_engine(f"sqlite:///{db}")
+    with eng.connect() as conn:
+        seqs = conn.execute(text("SELECT tokens FROM sequences ORDER BY idx")).scalars().all()
+        tokens = torch.tensor(np.stack([np.frombuffer(b, dtype="<i4") for b in seqs])).long()
+        assert tokens.shape == (24, 128)
+        assert (tokens[:, 0] == lm.tokenizer.bos_token_id).all()
+        for layer in (0, 15, 29):
+            sid = conn.scalar(text("SELECT id FROM sources WHERE slug = :s"), {"s": f"{layer}-mlp"})
+            captured = {}
+            lm.run_with_hooks(tokens, [f"blocks.{layer}.mlp.hook_post"],
+                              lambda n, a, out=captured: out.__setitem__("a", a.clone()))
+            full = captured["a"]
+            body = full[:, 1:, :]
+            flat = body.reshape(-1, lm.d_mlp)
+            feats = conn.execute(text(
+                "SELECT idx, max_act, min_act, frac_active FROM features WHERE source_id = :s "
+                "ORDER BY idx"), {"s": sid}).all()
+            assert len(feats) == 1536
+            got_max = torch.tensor([f.max_act for f in feats])
+            torch.testing.assert_close(got_max, flat.max(0).values, rtol=1e-4, atol=1e-4)
+            got_frac = torch.tensor([f.frac_active for f in feats], dtype=torch.float64)
+            want_frac = (flat > 0).double().mean(0)
+            assert (got_frac - want_frac).abs().max() <= 1.5 / flat.shape[0]
+            peak, ppos = body.max(1)
+            for f in (0, 100, 777, 1535):
+                ex = conn.execute(text(
+                    "SELECT seq_idx, peak_pos, peak_value, start, acts FROM examples WHERE "
+                    "source_id = :s AND feature_idx = :f AND \"group\" = 0 ORDER BY rank"),
+                    {"s": sid, "f": f}).all()
+                want = sorted((-peak[s, f].item(), s) for s in range(24) if peak[s, f] > 0)[:20]
+                assert [e.seq_idx for e in ex] == [s for _, s in want]
+                for e in ex:
+                    assert e.peak_pos == ppos[e.seq_idx, f].item() + 1
+                    assert e.peak_value == pytest.approx(peak[e.seq_idx, f].item(), rel=1e-4,
+                                                         abs=1e-4)
+                    window = np.frombuffer(e.acts, dtype="<f2").astype(np.float32)
+                    want_w = full[e.seq_idx, e.start:e.start + len(window), f]
+                    np.testing.assert_allclose(window, want_w.half().float().numpy(),
+                                               rtol=2e-3, atol=2e-3)
+        logits = conn.execute(select(text("top_logits")).select_from(text("features"))
+                              .limit(1)).scalar()
+        assert logits
+    eng.dispose()
