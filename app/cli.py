@@ -72,6 +72,12 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = make_engine(args.db or settings.db_url)
     upgrade(engine)
+    if args.skip_existing:
+        ready = store.ready_sources(engine, lm.slug)
+        specs = [s for s in specs if s.slug not in ready]
+        if not specs:
+            print(f"every requested source of {lm.slug} is already harvested")
+            return 0
     reg = store.begin(engine, lm, dataset, specs, cfg, replace=args.replace)
     harvester = Harvester(lm, dataset.tokens, specs, cfg,
                           bos_first=dataset.bos_policy == "bos-prepended")
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
     h.add_argument("--replace", action="store_true", help="harvest again sources that exist")
+    h.add_argument("--skip-existing", action="store_true",
+                   help="leave out sources that are already harvested")
     h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     h.set_defaults(func=cmd_harvest)
 

@@ -85,6 +85,9 @@ def test_rerun_of_a_finished_harvest_is_refused(tmp_path, tiny_gpt2_dir, capsys,
     assert main(args) == 2
     assert "--replace" in capsys.readouterr().err
     assert main(args + ["--replace"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--skip-existing"]) == 0
+    assert "already harvested" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text_, want", [("all", [0, 1, 2, 3]), ("0,2", [0, 2]),

@@ -121,6 +121,14 @@ def begin(engine: Engine, lm, dataset, specs: list[SourceSpec], cfg: HarvestConf
         return Registered(model.id, ds.id, ids)
 
 
+def ready_sources(engine: Engine, model_slug: str) -> set[str]:
+    """Slugs of the model's sources that are finished."""
+    with transaction(engine) as session:
+        return set(session.scalars(
+            select(Source.slug).join(Model, Model.id == Source.model_id)
+            .where(Model.slug == model_slug, Source.status == SourceStatus.ready)))
+
+
 def report_progress(engine: Engine, reg: Registered, n_tokens: int) -> None:
     with transaction(engine) as session:
         session.execute(update(Source).where(Source.id.in_(reg.source_ids.values()))
