@@ -49,38 +49,37 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     from app.db.engine import make_engine, upgrade
     from workers import store
     from workers.corpus import load_dataset
-    from workers.harvest import Checkpoint, HarvestConfig, Harvester, neuron_sources, run_harvest
+    from workers.harvest import Checkpoint, HarvestConfig, Harvester, run_harvest
     from workers.models import load_model
+    from workers.plan import HarvestPlan
 
     cfg = HarvestConfig(top_k=args.top_k, batch_size=args.batch_size,
                         shard_sequences=args.shard_sequences, window=args.window,
                         compile=not args.no_compile)
     device = _device(args.device)
     lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
+    layers = [] if args.layers == "none" else parse_layers(args.layers, lm.n_layers)
+    plan = HarvestPlan(model=args.model, layers=layers, saes=args.sae, cfg=cfg, device=device,
+                       cache_dir=str(settings.cache_dir))
+    engine = make_engine(args.db or settings.db_url)
+    upgrade(engine)
+    if args.skip_existing:
+        plan.skip = sorted(store.ready_sources(engine, lm.slug))
+    specs = plan.sources(lm)
+    if not specs:
+        if plan.skip:
+            print(f"every requested source of {lm.slug} is already harvested")
+            return 0
+        raise SystemExit("error: nothing to harvest: --layers none and no --sae")
     dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
                            max_tokens=args.max_tokens, cache_dir=settings.cache_dir)
-    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers)) if args.layers != "none" else []
-    if args.sae:
-        from workers.sae import sae_sources
-
-        specs += sae_sources(lm, args.sae, device=device)
-    if not specs:
-        raise SystemExit("error: nothing to harvest: --layers none and no --sae")
     log.info("%s on %s: %d sequences x %d tokens, %d sources, %d features, device %s",
              lm.slug, dataset.slug, dataset.n_sequences, dataset.seq_len, len(specs),
              sum(s.n_features for s in specs), device)
 
-    engine = make_engine(args.db or settings.db_url)
-    upgrade(engine)
-    if args.skip_existing:
-        ready = store.ready_sources(engine, lm.slug)
-        specs = [s for s in specs if s.slug not in ready]
-        if not specs:
-            print(f"every requested source of {lm.slug} is already harvested")
-            return 0
     reg = store.begin(engine, lm, dataset, specs, cfg, replace=args.replace)
-    harvester = Harvester(lm, dataset.tokens, specs, cfg,
-                          bos_first=dataset.bos_policy == "bos-prepended")
+    bos_first = dataset.bos_policy == "bos-prepended"
+    harvester = Harvester(lm, dataset.tokens, specs, cfg, bos_first=bos_first)
     ckpt = Checkpoint(settings.checkpoint_dir, Checkpoint.key_for(
         model=lm.source, dataset=dataset.slug, cfg=cfg.to_dict(),
         sources=[(s.slug, s.hook_name) for s in specs]))
@@ -100,7 +99,15 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         with torch.inference_mode():
-            states = run_harvest(harvester, ckpt, progress)
+            if args.backend == "ray":
+                from workers.ray_backend import run_harvest_ray
+
+                states = run_harvest_ray(plan, dataset.tokens, harvester.n_shards,
+                                         bos_first=bos_first, n_workers=args.ray_workers,
+                                         address=args.ray_address, checkpoint=ckpt,
+                                         progress=progress)
+            else:
+                states = run_harvest(harvester, ckpt, progress)
         bar.close()
         t0 = time.monotonic()
         store.finish(engine, reg, lm, dataset, specs, states, cfg)
@@ -179,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the per-batch reductions eagerly instead of fused by torch.compile")
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
+    h.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
+                   help="run shards in this process, or on Ray actors (one GPU each)")
+    h.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: start a local one)")
+    h.add_argument("--ray-workers", type=int, default=None,
+                   help="actors to start (default: one per GPU, else one per CPU)")
     h.add_argument("--replace", action="store_true", help="harvest again sources that exist")
     h.add_argument("--skip-existing", action="store_true",
                    help="leave out sources that are already harvested")

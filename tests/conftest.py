@@ -98,6 +98,28 @@ def tiny_model_dir(request, tiny_gpt2_dir, tiny_llama_dir) -> Path:
     return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}[request.param]
 
 
+# ---------------------------------------------------------------- harvest states
+
+
+def assert_states_equal(a, b):
+    """Two harvests' states are the same, feature for feature (sums to float64 rounding)."""
+    import torch
+
+    assert set(a) == set(b)
+    for slug in a:
+        x, y = a[slug], b[slug]
+        for name, r in x.rankings().items():
+            q = y.rankings()[name]
+            for field in ("score", "seq", "pos", "value", "windows"):
+                assert torch.equal(getattr(r, field), getattr(q, field)), (slug, name, field)
+        sx, sy = x.stats, y.stats
+        assert sx.n_tokens == sy.n_tokens
+        for field in ("n_active", "max", "min", "hist"):
+            assert torch.equal(getattr(sx, field), getattr(sy, field)), (slug, field)
+        torch.testing.assert_close(sx.sum, sy.sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sx.sumsq, sy.sumsq, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- databases
 
 PG_URL = os.environ.get("FEATURESCOPE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

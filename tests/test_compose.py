@@ -30,7 +30,7 @@ def test_services_are_all_there(compose):
 def test_featurescope_commands_parse_with_the_real_cli(compose):
     parser = build_parser()
     seen = set()
-    for name, svc in compose["services"].items():
+    for svc in compose["services"].values():
         cmd = svc.get("command")
         if not cmd or cmd[0] != "featurescope":
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_states_equal
 
 from workers.accumulate import window_start
 from workers.corpus import load_dataset
@@ -123,21 +124,6 @@ def test_sample_is_the_priority_sample_of_fired_sequences(setup):
         got = [s for s in st.sample.seq[:, f].tolist() if s < len(ds.tokens)]
         assert got == want[f]
         assert len(got) == min(cfg.sample_size, int((peak[:, f] > 0).sum()))
-
-
-def assert_states_equal(a, b):
-    for slug in a:
-        x, y = a[slug], b[slug]
-        for name, r in x.rankings().items():
-            q = y.rankings()[name]
-            for field in ("score", "seq", "pos", "value", "windows"):
-                assert torch.equal(getattr(r, field), getattr(q, field)), (slug, name, field)
-        sx, sy = x.stats, y.stats
-        assert sx.n_tokens == sy.n_tokens
-        for field in ("n_active", "max", "min", "hist"):
-            assert torch.equal(getattr(sx, field), getattr(sy, field)), (slug, field)
-        torch.testing.assert_close(sx.sum, sy.sum, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(sx.sumsq, sy.sumsq, rtol=1e-12, atol=1e-12)
 
 
 def test_two_shards_merged_equal_one_pass_in_either_order(setup):
