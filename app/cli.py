@@ -34,6 +34,16 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     return sorted(layers)
 
 
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"error: {flag} expects 'auto' or a positive integer, got {text!r}")
+    return value
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -49,16 +59,21 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     from app.db.engine import make_engine, upgrade
     from workers import store
     from workers.corpus import load_dataset
-    from workers.harvest import Checkpoint, HarvestConfig, Harvester, run_harvest
+    from workers.harvest import (
+        Checkpoint,
+        HarvestConfig,
+        Harvester,
+        auto_batch_size,
+        run_harvest,
+    )
     from workers.models import load_model
     from workers.plan import HarvestPlan
 
-    cfg = HarvestConfig(top_k=args.top_k, batch_size=args.batch_size,
-                        shard_sequences=args.shard_sequences, window=args.window,
-                        compile=not args.no_compile)
     device = _device(args.device)
     lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
     layers = [] if args.layers == "none" else parse_layers(args.layers, lm.n_layers)
+    cfg = HarvestConfig(top_k=args.top_k, batch_size=8, shard_sequences=args.shard_sequences,
+                        window=args.window, compile=not args.no_compile)
     plan = HarvestPlan(model=args.model, layers=layers, saes=args.sae, cfg=cfg, device=device,
                        cache_dir=str(settings.cache_dir))
     engine = make_engine(args.db or settings.db_url)
@@ -66,6 +81,8 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     if args.skip_existing:
         plan.skip = sorted(store.ready_sources(engine, lm.slug))
     specs = plan.sources(lm)
+    cfg.batch_size = (auto_batch_size(lm, specs, args.seq_len) if args.batch_size == "auto"
+                      else _positive_int(args.batch_size, "--batch-size"))
     if not specs:
         if plan.skip:
             print(f"every requested source of {lm.slug} is already harvested")
@@ -178,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seq-len", type=int, default=128)
     h.add_argument("--top-k", type=int, default=20)
     h.add_argument("--window", type=int, default=64, help="tokens stored around each example")
-    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--batch-size", default="auto",
+                   help="sequences per batch; auto: 8 on a CPU, from free memory on a GPU")
     h.add_argument("--shard-sequences", type=int, default=256,
                    help="sequences per shard (the unit of checkpoint and resume)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     try:
         return args.func(args, settings) or 0
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -158,3 +158,24 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
                               .limit(1)).scalar()
         assert logits
     eng.dispose()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/no/such/model"], "no model at"),
+    (["--dataset", "no-such-corpus"], "unknown dataset"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--layers", "7"], "layers 0..1"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, extra,
+                                      message):
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
+    args = ["harvest", "--model", str(tiny_gpt2_dir), "--dataset", "pydoc", "--max-tokens",
+            "256", "--seq-len", "32", "--no-compile", "-q", *extra]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argument errors exit from the parser's own checks
+        code, err = 2, str(exc)
+    else:
+        err = capsys.readouterr().err
+    assert code == 2
+    assert message in err

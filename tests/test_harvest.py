@@ -139,6 +139,13 @@ def test_two_shards_merged_equal_one_pass_in_either_order(setup):
         merge_states(a, a)
 
 
+def test_the_gpu_path_without_host_syncs_gives_the_same_state(setup):
+    lm, ds, specs = setup
+    pooled, _ = harvest(lm, ds, specs, sync_free=False)
+    sync_free, _ = harvest(lm, ds, specs, sync_free=True)
+    assert_states_equal(sync_free, pooled)
+
+
 def test_interrupted_run_resumes_to_the_same_result(setup, tmp_path):
     lm, ds, specs = setup
     cfg = HarvestConfig(**CFG)

@@ -45,6 +45,7 @@ class Accumulator:
         seed: int,
         device: torch.device | str = "cpu",
         reduce_fn: ReduceFn = batch_reduce,
+        sync_free: bool = False,
     ):
         self.n_features = n_features
         self.window = window
@@ -57,6 +58,11 @@ class Accumulator:
             sample=Ranked.empty(sample_size, n_features, device),
             stats=Stats.empty(n_features, device),
         )
+        self.sync_free = sync_free
+        if sync_free:
+            for ranking in self.state.rankings().values():
+                ranking.windows = torch.zeros(ranking.size, n_features, window,
+                                              dtype=torch.float16, device=device)
         self._chunks: list[Tensor] = []
         self._pool_size = 0
         self._live_slots = sum(r.score.numel() for r in self.state.rankings().values())
@@ -78,25 +84,36 @@ class Accumulator:
         self.state.n_sequences += b
 
         seq = torch.arange(seq0, seq0 + b, device=acts.device)[:, None].expand(b, f)
-        neg_inf = torch.tensor(float("-inf"), device=acts.device)
-        empty = torch.tensor(EMPTY_SEQ, device=acts.device)
+        neg_inf = float("-inf")
 
         def candidates(score: Tensor, pos: Tensor, value: Tensor) -> Ranked:
             ok = torch.isfinite(score)
-            return Ranked(score=score, seq=torch.where(ok, seq, empty), pos=pos.int(),
+            return Ranked(score=score, seq=torch.where(ok, seq, EMPTY_SEQ), pos=pos.int(),
                           value=value, slot=torch.full_like(seq, -1))
 
+        admit = self._admit_all if self.sync_free else self._admit
         fired = mx > 0
-        self._admit(self.state.top, candidates(torch.where(fired, mx, neg_inf), amx, mx), acts, seq0)
+        admit(self.state.top, candidates(torch.where(fired, mx, neg_inf), amx, mx), acts, seq0)
         if self.state.bottom is not None:
             below = mn < 0
-            self._admit(self.state.bottom,
-                        candidates(torch.where(below, -mn, neg_inf), amn, mn), acts, seq0)
+            admit(self.state.bottom, candidates(torch.where(below, -mn, neg_inf), amn, mn),
+                  acts, seq0)
         keys = sample_keys(seq[:, 0], f, self.seed)
-        self._admit(self.state.sample, candidates(torch.where(fired, keys, neg_inf), amx, mx),
-                    acts, seq0)
+        admit(self.state.sample, candidates(torch.where(fired, keys, neg_inf), amx, mx),
+              acts, seq0)
         if self._pool_size > 4 * self._live_slots + 65536:
             self._compact()
+
+    def _admit_all(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
+        """Without a host synchronisation (for GPUs): every candidate's window is cut, and the
+        ranking, windows included, is re-sorted whole. Same result as _admit."""
+        t = acts.shape[1]
+        tok = window_start(cand.pos.long(), t, self.window)[:, None, :] + torch.arange(
+            self.window, device=acts.device)[None, :, None]  # [batch, window, F]
+        cand.windows = acts.gather(1, tok).to(torch.float16).permute(0, 2, 1)  # [batch, F, W]
+        merged = ranking.merge(cand)
+        ranking.score, ranking.seq, ranking.pos, ranking.value, ranking.windows = (
+            merged.score, merged.seq, merged.pos, merged.value, merged.windows)
 
     def _admit(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
         new = ranking.offer(cand)
@@ -137,6 +154,8 @@ class Accumulator:
 
     def finish(self) -> SourceState:
         """The finished state, with windows [size, F, window] in every ranking."""
+        if self.sync_free:
+            return self.state
         pool = self._pool()
         pool = torch.cat([pool, pool.new_zeros(1, self.window)])
         for ranking in self.state.rankings().values():

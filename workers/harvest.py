@@ -43,6 +43,9 @@ class HarvestConfig:
     """Seed of the priority-sampling keys."""
     compile: bool = False
     """Fuse the per-batch reductions with torch.compile (pays off on long CPU runs)."""
+    sync_free: bool | None = None
+    """Keep the batch loop free of host synchronisations (cut every candidate's window and
+    re-sort whole rankings on the device). None: on CUDA devices only."""
 
     def __post_init__(self) -> None:
         for name in ("top_k", "n_ranges", "per_range", "window", "batch_size", "shard_sequences"):
@@ -78,6 +81,22 @@ class SourceSpec:
     """Each feature's output direction [F, d_model], for direct logit attribution
     (W_out rows for neurons, W_dec rows for SAE features)."""
     sae_config: dict | None = None
+
+
+def auto_batch_size(lm, specs: list[SourceSpec], seq_len: int, *, cpu_default: int = 8,
+                    max_batch: int = 512) -> int:
+    """Sequences per batch: 8 on a CPU; on a GPU, what fits in half the free memory, counting
+    the model's own activations and, per source, its activations and the reductions' copies."""
+    device = torch.device(lm.device)
+    if device.type != "cuda":
+        return cpu_default
+    free, _total = torch.cuda.mem_get_info(device)
+    width = 4  # float32 reductions
+    per_token = sum(s.n_features for s in specs) * width * 4
+    per_token += lm.d_model * width * 16 + max(lm.d_mlp, lm.d_model) * width * 4
+    per_token += lm.vocab_size * width if not specs else 0
+    fit = int(free * 0.5) // (per_token * seq_len)
+    return max(1, min(max_batch, fit))
 
 
 def neuron_sources(lm, layers: list[int]) -> list[SourceSpec]:
@@ -128,6 +147,10 @@ class Harvester:
         self.first = 1 if bos_first else 0
         self.window = min(cfg.window, tokens.shape[1])
         self.hooks = sorted({s.hook_name for s in sources})
+        device = torch.device(lm.device)
+        self.sync_free = cfg.sync_free if cfg.sync_free is not None else device.type == "cuda"
+        if device.type == "cuda":
+            self.tokens = tokens.pin_memory()
         self.reduce_fn = compiled_reduce() if cfg.compile else batch_reduce
 
     @property
@@ -146,7 +169,7 @@ class Harvester:
             s.slug: Accumulator(
                 s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
                 window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
-                device=device, reduce_fn=self.reduce_fn)
+                device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free)
             for s in self.sources
         }
         by_hook: dict[str, list[SourceSpec]] = {}
@@ -156,7 +179,7 @@ class Harvester:
         lo, hi = self.shard_range(shard)
         for b0 in range(lo, hi, self.cfg.batch_size):
             b1 = min(b0 + self.cfg.batch_size, hi)
-            ids = self.tokens[b0:b1].to(device)
+            ids = self.tokens[b0:b1].to(device, non_blocking=True)
 
             def on_activation(hook_name: str, act: Tensor, b0: int = b0) -> None:
                 for spec in by_hook[hook_name]:
