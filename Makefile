@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	sh static/fetch_vendor.sh
 
 # Headless Chromium for the browser tests (Debian's; Playwright's own download is not used).
 browser:

@@ -1,0 +1,221 @@
+"""Read queries of the explorer: SQLAlchemy 2.0 `select()` on sync sessions.
+
+Functions take the session first and keyword-only arguments, return plain rows, and cap the
+rows they read. Nothing here imports torch or `workers`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import threading
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from operator import itemgetter
+
+from sqlalchemy import Row, bindparam, select, tuple_
+from sqlalchemy.orm import Session
+
+from app.db.tables import Dataset, Example, Feature, Model, Sequence, Source, Vocabulary
+
+MAX_ROWS = 500
+"""The most rows one page of a list reads."""
+MAX_SOURCES = 2000
+
+SORT_COLUMNS = {"index": Feature.idx, "max_act": Feature.max_act,
+                "frac_active": Feature.frac_active}
+
+_SOURCE_COLUMNS = (
+    Source.id, Source.slug, Source.kind, Source.hook_name, Source.layer, Source.n_features,
+    Source.status, Source.progress_tokens, Source.total_tokens, Source.error,
+    Source.version_hash, Source.model_id, Source.dataset_id,
+    Dataset.slug.label("dataset_slug"), Dataset.bos_policy.label("bos_policy"),
+)
+
+
+def models(session: Session) -> Seq[Row]:
+    return session.execute(select(Model).order_by(Model.slug).limit(MAX_SOURCES)).scalars().all()
+
+
+def model_by_slug(session: Session, *, slug: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.slug == slug))
+
+
+def sources(session: Session, *, model_id: int | None = None) -> Seq[Row]:
+    """Sources with their dataset slug, by model, layer and slug; all models' when model_id is None."""
+    q = (select(*_SOURCE_COLUMNS).join(Dataset, Dataset.id == Source.dataset_id)
+         .order_by(Source.model_id, Source.layer, Source.slug).limit(MAX_SOURCES))
+    if model_id is not None:
+        q = q.where(Source.model_id == model_id)
+    return session.execute(q).all()
+
+
+# The statements of the feature page are built once: it is the page that must be fast.
+_SOURCE_BY_SLUG = (
+    select(*_SOURCE_COLUMNS, Source.sae_config, Source.harvest_config, Source.created_at,
+           Source.finished_at, Model.slug.label("model_slug"),
+           Model.tokenizer_hash.label("tokenizer_hash"))
+    .join(Model, Model.id == Source.model_id)
+    .join(Dataset, Dataset.id == Source.dataset_id)
+    .where(Model.slug == bindparam("model"), Source.slug == bindparam("source")))
+_FEATURE = select(Feature.__table__).where(Feature.source_id == bindparam("source_id"),
+                                           Feature.idx == bindparam("index"))
+_EXAMPLES = (
+    select(Example.group, Example.rank, Example.seq_idx, Example.start, Example.peak_pos,
+           Example.peak_value, Example.acts, Sequence.tokens)
+    .join(Sequence, (Sequence.dataset_id == bindparam("dataset_id"))
+          & (Sequence.idx == Example.seq_idx))
+    .where(Example.source_id == bindparam("source_id"),
+           Example.feature_idx == bindparam("index"))
+    .order_by(Example.group, Example.rank).limit(MAX_ROWS))
+
+
+def source_by_slug(session: Session, *, model: str, source: str) -> Row | None:
+    """One source with what its pages need of its model and dataset, or None."""
+    return session.connection().execute(
+        _SOURCE_BY_SLUG, {"model": model, "source": source}).first()
+
+
+def dataset(session: Session, *, dataset_id: int) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def feature(session: Session, *, source_id: int, index: int) -> Row | None:
+    return session.connection().execute(
+        _FEATURE, {"source_id": source_id, "index": index}).first()
+
+
+def examples(session: Session, *, source_id: int, dataset_id: int, index: int) -> Seq[Row]:
+    """The examples of one feature with the token blob of their sequence, by group and rank."""
+    return session.connection().execute(
+        _EXAMPLES, {"source_id": source_id, "dataset_id": dataset_id, "index": index}).all()
+
+
+def features_page(session: Session, *, source_id: int, sort: str, desc: bool,
+                  after: tuple[float, int] | None, limit: int) -> Seq[Row]:
+    """One keyset page of a source's features, ordered by (sort column, index), both ascending
+    or both descending so that the (source_id, column) index serves the seek. `after` is the
+    (value, index) of the last row of the previous page."""
+    col = SORT_COLUMNS[sort]
+    limit = max(1, min(limit, MAX_ROWS))
+    q = select(Feature.idx, Feature.max_act, Feature.frac_active, Feature.top_tokens).where(
+        Feature.source_id == source_id)
+    if after is not None:
+        if sort == "index":
+            q = q.where(Feature.idx < after[1] if desc else Feature.idx > after[1])
+        else:
+            key, last = tuple_(col, Feature.idx), tuple_(after[0], after[1])
+            q = q.where(key < last if desc else key > last)
+    order = [col.desc(), Feature.idx.desc()] if desc else [col.asc(), Feature.idx.asc()]
+    if sort == "index":
+        order = order[1:]
+    return session.execute(q.order_by(*order).limit(limit)).all()
+
+
+def random_index(session: Session, *, source_id: int, n_features: int,
+                 rng: random.Random | None = None) -> int | None:
+    """A random feature that fired somewhere (max_act > 0), or any feature if none did."""
+    if n_features <= 0:
+        return None
+    start = (rng or random).randrange(n_features)
+    base = select(Feature.idx).where(Feature.source_id == source_id)
+    for q in (base.where(Feature.idx >= start, Feature.max_act > 0).order_by(Feature.idx),
+              base.where(Feature.idx < start, Feature.max_act > 0).order_by(Feature.idx),
+              base.order_by(Feature.idx)):
+        idx = session.scalar(q.limit(1))
+        if idx is not None:
+            return idx
+    return None
+
+
+# ------------------------------------------------------------------ stored blobs
+
+
+def shortest_decimal(value: float, fmt: str = "<e") -> str:
+    """The shortest decimal that reads back to the same float16 ('<e') or float32 ('<f')."""
+    if not math.isfinite(value):
+        return repr(value)
+    packed = struct.pack(fmt, value)
+    for digits in range(1, 10):
+        text = f"{value:.{digits}g}"
+        try:
+            if struct.pack(fmt, float(text)) == packed:
+                return text
+        except OverflowError:
+            continue
+    return repr(value)
+
+
+_HALVES: list[float] = []
+
+
+def half_table() -> list[float]:
+    """Every float16 bit pattern as the float of its shortest decimal (built once, ~0.2 s)."""
+    if not _HALVES:
+        codes = struct.pack("<65536H", *range(65536))
+        table = [float(shortest_decimal(v)) if math.isfinite(v) else v
+                 for v in struct.unpack("<65536e", codes)]
+        _HALVES[:] = table
+    return _HALVES
+
+
+def decode_acts(blob: bytes, n: int) -> Seq[float]:
+    """The first n float16 LE activations of a blob, each as the shortest decimal that reads
+    back to the stored float16 (what the JSON carries and the page shows)."""
+    table = half_table()
+    codes = struct.unpack_from(f"<{n}H", blob)
+    return itemgetter(*codes)(table) if n > 1 else [table[c] for c in codes]
+
+
+def decode_tokens(blob: bytes, start: int, n: int) -> Seq[int]:
+    """Token ids start .. start+n of an int32 LE sequence blob."""
+    return struct.unpack_from(f"<{n}i", blob, start * 4)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The display text of every token id of a model; ids out of range read ''."""
+
+    texts: list[str]
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def text(self, token_id: int) -> str:
+        return self.texts[token_id] if 0 <= token_id < len(self.texts) else ""
+
+    def many(self, ids: Seq[int]) -> Seq[str]:
+        """The texts of many ids (token ids are never negative)."""
+        if len(ids) < 2:
+            return [self.text(i) for i in ids]
+        try:
+            return itemgetter(*ids)(self.texts)
+        except IndexError:
+            return [self.text(i) for i in ids]
+
+    def derived(self, name: str, fn: Callable[[str], str]) -> list[str]:
+        """fn applied to every token text, computed once (e.g. the display form of tokens)."""
+        table = self._derived.get(name)
+        if table is None:
+            table = self._derived[name] = [fn(t) for t in self.texts]
+        return table
+
+
+class VocabCache:
+    """Token display strings per model, read once per (model id, tokenizer hash) and kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vocabs: dict[tuple[int, str], Vocab] = {}
+
+    def get(self, session: Session, *, model_id: int, tokenizer_hash: str) -> Vocab:
+        key = (model_id, tokenizer_hash)
+        vocab = self._vocabs.get(key)
+        if vocab is None:
+            with self._lock:
+                vocab = self._vocabs.get(key)
+                if vocab is None:
+                    texts = session.scalar(
+                        select(Vocabulary.tokens).where(Vocabulary.model_id == model_id))
+                    vocab = self._vocabs[key] = Vocab(list(texts or []))
+        return vocab

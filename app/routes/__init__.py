@@ -1,0 +1,1 @@
+"""Web routes, one module per resource; `render` holds the last step every view shares."""

@@ -1,0 +1,58 @@
+"""One error shape: the JSON envelope {"ok": false, "status": ..., "error": ...} for JSON and API
+URLs, an error page for the others. Malformed input answers 422, unknown things 404."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from app.routes.render import is_htmx, wants_json
+from app.schemas import ErrorOut
+
+log = logging.getLogger(__name__)
+
+
+def error_response(request: Request, status: int, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    headers = {**(headers or {}), "Cache-Control": "no-store"}
+    accept = request.headers.get("accept", "")
+    if wants_json(request) or ("text/html" not in accept and "json" in accept):
+        body = ErrorOut(status=status, error=message).model_dump_json()
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
+    name = "_error.html" if is_htmx(request) else "error.html"
+    return request.app.state.templates.TemplateResponse(
+        request, name, {"status": status, "message": message}, status_code=status,
+        headers=headers)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("path", "query", "body")]
+        parts.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "malformed request"
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = exc.detail if isinstance(exc.detail, str) else "error"
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"nothing at {request.url.path}"
+    return error_response(request, exc.status_code, message, dict(exc.headers or {}))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(request, 422, _describe(exc))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("error serving %s", request.url.path, exc_info=exc)
+    return error_response(request, 500, "internal server error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _server_error)

@@ -1,0 +1,114 @@
+"""`/{model}/{source}/{index}`: one feature, its statistics and examples.
+
+`build_feature` makes the one context object; the page, its htmx partial, its JSON and the
+Neuronpedia-compatible answer are all made from it."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, Request
+from sqlalchemy import Row
+from sqlalchemy.orm import Session
+
+from app import urls
+from app.db import queries
+from app.db.tables import ExampleGroup
+from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source, not_found
+from app.routes.present import pct, progress
+from app.routes.render import etag, not_modified, page, render
+from app.schemas import FeaturePage, histogram_edges
+
+router = APIRouter()
+
+_EDGES = [e if math.isfinite(e) else None for e in histogram_edges()]
+
+
+def example_out(row: Row, vocab: queries.Vocab) -> dict:
+    """One stored example (an ExampleOut once validated): acts are float16 LE per window
+    token, the window is tokens[start : start + len(acts)] of its int32 LE sequence."""
+    _, rank, seq_idx, start, peak_pos, peak_value, blob, seq = row
+    n = min(len(blob) // 2, max(len(seq) // 4 - start, 0))
+    ids = queries.decode_tokens(seq, start, n)
+    return {"rank": rank, "seq_idx": seq_idx, "start": start, "peak_pos": peak_pos,
+            "peak_index": peak_pos - start, "peak_value": peak_value, "token_ids": ids,
+            "tokens": vocab.many(ids), "acts": queries.decode_acts(blob, n)}
+
+
+def _quantiles(groups: dict[int, list[dict]]) -> list[dict]:
+    """QuantileGroups, the highest range first, each with its examples highest first."""
+    out = []
+    for code in sorted(groups, reverse=True):
+        exs = sorted(groups[code], key=lambda e: -e["peak_value"])
+        peaks = [e["peak_value"] for e in exs]
+        out.append({"group": code - ExampleGroup.quantile, "name": ExampleGroup.name_of(code),
+                    "lo": min(peaks), "hi": max(peaks), "examples": exs})
+    return out
+
+
+def _missing(src: Row, index: int) -> Exception:
+    name = f"{src.model_slug}/{src.slug}"
+    if src.status == "building":
+        done = pct(progress(src.progress_tokens, src.total_tokens))
+        return not_found(f"{name} is still being harvested ({done}); feature {index} is not there yet")
+    if src.status == "failed":
+        return not_found(f"the harvest of {name} failed; it has no features")
+    return not_found(f"{name} has no feature {index}: it has features 0 to {src.n_features - 1}")
+
+
+def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int
+                  ) -> FeaturePage:
+    row = queries.feature(session, source_id=src.id, index=index)
+    if row is None:
+        raise _missing(src, index)
+    vocab = vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+    top, bottom, quantiles = [], [], {}
+    for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index):
+        ex = example_out(e, vocab)
+        if e.group == ExampleGroup.top:
+            top.append(ex)
+        elif e.group == ExampleGroup.bottom:
+            bottom.append(ex)
+        else:
+            quantiles.setdefault(e.group, []).append(ex)
+    m, s = src.model_slug, src.slug
+    url = urls.feature(m, s, index)
+    texts = vocab.many
+    # One validation of the whole context (pydantic-core builds the nested models).
+    return FeaturePage.model_validate({
+        "model": m, "source": s, "kind": src.kind, "hook_name": src.hook_name,
+        "layer": src.layer, "n_features": src.n_features, "dataset": src.dataset_slug,
+        "bos_first": src.bos_policy == "bos-prepended", "index": index,
+        "stats": {"max_act": row.max_act, "min_act": row.min_act, "mean_act": row.mean_act,
+                  "std_act": row.std_act, "frac_active": row.frac_active,
+                  "n_active": row.n_active, "n_tokens": row.n_tokens},
+        "histogram": {"edges": _EDGES, "counts": row.histogram},
+        "top_logits": _token_values(row.top_logits, texts),
+        "bottom_logits": _token_values(row.bottom_logits, texts),
+        "top_tokens": [{"id": t, "text": x, "count": c} for (t, c), x in zip(
+            row.top_tokens, texts([t for t, _ in row.top_tokens]), strict=True)],
+        "top": top, "bottom": bottom, "quantiles": _quantiles(quantiles),
+        "links": {
+            "page": url, "json_url": urls.json(url), "source": urls.source(m, s),
+            "prev": urls.feature(m, s, index - 1) if index > 0 else None,
+            "next": urls.feature(m, s, index + 1) if index + 1 < src.n_features else None,
+            "random": urls.random_feature(m, s),
+            "neuronpedia": urls.neuronpedia_feature(m, s, index)},
+    })
+
+
+def _token_values(pairs: list, texts) -> list[dict]:
+    return [{"id": t, "text": x, "value": v}
+            for (t, v), x in zip(pairs, texts([t for t, _ in pairs]), strict=True)]
+
+
+@page(router, "/{model}/{source}/{index}", name="feature", schema=FeaturePage,
+      summary="One feature: statistics, examples, histogram and logit tokens")
+def feature(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
+            index: FeatureIndex):
+    src = load_source(session, model, source)
+    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    if (cached := not_modified(request, tag)) is not None:
+        return cached
+    ctx = build_feature(session, request.app.state.vocabs, src, index)
+    return render(request, ctx, template="feature.html", partial="_feature.html", tag=tag)

@@ -1,0 +1,105 @@
+"""`/{model}/{source}`: a source's settings and its features in a table, sortable by index,
+max activation or density, paginated by keyset with an opaque `next` token."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
+from sqlalchemy import Row
+
+from app import urls
+from app.db import queries
+from app.routes.deps import MAX_INDEX, ModelSlug, SessionDep, SourceSlug, load_source
+from app.routes.models import source_out
+from app.routes.render import etag, not_modified, page, render
+from app.schemas import DatasetOut, FeatureRow, SaeMetrics, SourceDetail, SourcePage, TokenCount
+
+router = APIRouter()
+
+DEFAULT_LIMIT = 100
+Sort = Literal["index", "max_act", "frac_active"]
+Order = Literal["asc", "desc"]
+
+
+def encode_next(sort: str, desc: bool, row: Row) -> str:
+    value = row.idx if sort == "index" else getattr(row, sort)
+    raw = json.dumps([sort, int(desc), value, row.idx], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_next(token: str, sort: str, desc: bool) -> tuple[float, int]:
+    """(value, index) of the last row of the previous page; 422 for a malformed token."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        t_sort, t_desc, value, idx = json.loads(raw)
+        ok = isinstance(value, int | float) and isinstance(idx, int) and t_desc in (0, 1)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise HTTPException(422, "next: malformed page token")
+    if t_sort != sort or bool(t_desc) != desc:
+        raise HTTPException(422, "next: the page token belongs to another sort order")
+    return float(value), idx
+
+
+def _metrics(sae_config: dict | None) -> SaeMetrics | None:
+    metrics = (sae_config or {}).get("metrics")
+    if not isinstance(metrics, dict):
+        return None
+    try:
+        return SaeMetrics(**metrics)
+    except ValidationError:
+        return None
+
+
+def source_detail(session, src: Row) -> SourceDetail:
+    ds = queries.dataset(session, dataset_id=src.dataset_id)
+    return SourceDetail(
+        **source_out(src.model_slug, src).model_dump(), sae_config=src.sae_config,
+        metrics=_metrics(src.sae_config), harvest_config=src.harvest_config or {},
+        version_hash=src.version_hash, created_at=src.created_at, finished_at=src.finished_at,
+        dataset_info=DatasetOut(slug=ds.slug, name=ds.name, source=ds.source, slice=ds.slice,
+                                n_sequences=ds.n_sequences, seq_len=ds.seq_len,
+                                bos_policy=ds.bos_policy))
+
+
+@page(router, "/{model}/{source}", name="source", schema=SourcePage,
+      summary="A source and one page of its features")
+def source(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
+           sort: Sort = "index", order: Order | None = None,
+           limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = DEFAULT_LIMIT,
+           next: Annotated[str | None, Query(max_length=400)] = None,
+           jump: Annotated[int | None, Query(ge=0, le=MAX_INDEX,
+                                             description="go to this feature")] = None):
+    src = load_source(session, model, source)
+    if jump is not None:
+        return RedirectResponse(urls.feature(model, source, jump), status_code=303)
+    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    if (cached := not_modified(request, tag)) is not None:
+        return cached
+    order = order or ("asc" if sort == "index" else "desc")
+    desc = order == "desc"
+    after = decode_next(next, sort, desc) if next else None
+    rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc, after=after,
+                                 limit=limit + 1)
+    more, rows = len(rows) > limit, rows[:limit]
+    vocab = request.app.state.vocabs.get(session, model_id=src.model_id,
+                                         tokenizer_hash=src.tokenizer_hash)
+    token = encode_next(sort, desc, rows[-1]) if more else None
+    keep = {"sort": sort if sort != "index" else None,
+            "order": order if order != ("asc" if sort == "index" else "desc") else None,
+            "limit": limit if limit != DEFAULT_LIMIT else None}
+    ctx = SourcePage(
+        url=urls.source(model, source, **keep, next=next), model=model, source=source_detail(session, src), sort=sort, order=order, limit=limit,
+        features=[FeatureRow(index=r.idx, max_act=r.max_act, frac_active=r.frac_active,
+                             top_tokens=[TokenCount(id=t, text=vocab.text(t), count=c)
+                                         for t, c in r.top_tokens],
+                             url=urls.feature(model, source, r.idx)) for r in rows],
+        next=token, next_url=urls.source(model, source, **keep, next=token) if token else None)
+    return render(request, ctx, template="source.html", partial="_features.html", tag=tag)

@@ -1,0 +1,274 @@
+"""The JSON contract of the explorer (pydantic), separate from the tables.
+
+Every page answers with one of these when `.json` is appended to its URL; the keys are
+documented here and kept stable. Errors share one envelope: `ErrorOut`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The activation histogram of a feature counts tokens over fixed log-spaced bins: bin 0 holds
+# activations <= 2**HIST_MIN_EXP (zero and negative values too), the last bin those >= 2**10, and
+# between them HIST_PER_OCTAVE bins per octave with edges 2**e * (1 + q/4). This is a copy of
+# workers.state.histogram_edges (the server imports no torch); a test keeps the two equal.
+HIST_MIN_EXP = -10
+HIST_MAX_EXP = 10
+HIST_PER_OCTAVE = 4
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_PER_OCTAVE + 2
+
+
+def histogram_edges() -> list[float]:
+    """The HIST_BINS + 1 edges: [0, 2**-10, 2**-10 * 1.25, ..., 2**10, inf]."""
+    inner = [
+        2.0**e * (1 + q / HIST_PER_OCTAVE)
+        for e in range(HIST_MIN_EXP, HIST_MAX_EXP)
+        for q in range(HIST_PER_OCTAVE)
+    ]
+    return [0.0, *inner, 2.0**HIST_MAX_EXP, float("inf")]
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(Out):
+    ok: Literal[False] = False
+    status: int
+    error: str
+
+
+# ------------------------------------------------------------------ models and sources
+
+
+class DatasetOut(Out):
+    slug: str
+    name: str
+    source: str = Field(description="provenance: where the text came from")
+    slice: str
+    n_sequences: int
+    seq_len: int
+    bos_policy: str
+
+
+class SourceOut(Out):
+    slug: str
+    kind: str = Field(description="neurons or sae")
+    hook_name: str
+    layer: int
+    n_features: int
+    dataset: str = Field(description="the dataset's slug")
+    status: str = Field(description="building, ready or failed")
+    progress_tokens: int
+    total_tokens: int
+    progress: float = Field(description="progress_tokens / total_tokens, 0..1")
+    error: str | None
+    url: str
+    json_url: str
+
+
+class ModelOut(Out):
+    slug: str
+    hub_id: str
+    arch: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    url: str
+    json_url: str
+    sources: list[SourceOut]
+
+
+class HomePage(Out):
+    ok: Literal[True] = True
+    models: list[ModelOut]
+
+
+class ModelPage(Out):
+    ok: Literal[True] = True
+    model: ModelOut
+
+
+class SaeMetrics(Out):
+    model_config = ConfigDict(extra="allow")
+    l0: float | None = None
+    variance_explained: float | None = None
+    loss_recovered: float | None = None
+    dead_fraction: float | None = None
+
+
+class SourceDetail(SourceOut):
+    sae_config: dict | None
+    metrics: SaeMetrics | None = Field(description="SAE quality metrics, when the SAE has them")
+    harvest_config: dict
+    version_hash: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    dataset_info: DatasetOut
+
+
+# ------------------------------------------------------------------ features
+
+
+class TokenCount(Out):
+    id: int
+    text: str
+    count: int
+
+
+class TokenValue(Out):
+    id: int
+    text: str
+    value: float
+
+
+class FeatureRow(Out):
+    index: int
+    max_act: float
+    frac_active: float
+    top_tokens: list[TokenCount]
+    url: str
+
+
+class SourcePage(Out):
+    ok: Literal[True] = True
+    url: str = Field(description="this page: the source with its sort, order, limit and next")
+    model: str
+    source: SourceDetail
+    sort: Literal["index", "max_act", "frac_active"]
+    order: Literal["asc", "desc"]
+    limit: int
+    features: list[FeatureRow]
+    next: str | None = Field(description="opaque keyset token of the next page, or null")
+    next_url: str | None
+
+
+class FeatureStats(Out):
+    max_act: float
+    min_act: float
+    mean_act: float
+    std_act: float
+    frac_active: float = Field(description="fraction of tokens with activation > 0")
+    n_active: int
+    n_tokens: int
+
+
+class Histogram(Out):
+    edges: list[float | None] = Field(
+        description="HIST_BINS + 1 bin edges; the last is +inf, written null")
+    counts: list[int] = Field(description="tokens per bin; bin 0 holds activations <= 2**-10")
+
+
+class ExampleOut(Out):
+    rank: int
+    seq_idx: int = Field(description="index of the sequence in the dataset")
+    start: int = Field(description="position of the window's first token in the sequence")
+    peak_pos: int = Field(description="position of the peak in the sequence")
+    peak_index: int = Field(description="position of the peak in the window: peak_pos - start")
+    peak_value: float = Field(description="the exact (float32) activation at the peak")
+    token_ids: list[int]
+    tokens: list[str]
+    acts: list[float] = Field(description="activation at every window token: the shortest "
+                              "decimal that reads back to the stored float16")
+
+
+class QuantileGroup(Out):
+    group: int = Field(description="0 for the lowest range of activations")
+    name: str
+    lo: float = Field(description="smallest peak value among the group's examples")
+    hi: float = Field(description="largest peak value among the group's examples")
+    examples: list[ExampleOut]
+
+
+class FeatureLinks(Out):
+    page: str
+    json_url: str
+    source: str
+    prev: str | None
+    next: str | None
+    random: str
+    neuronpedia: str = Field(description="the Neuronpedia-compatible JSON of this feature")
+
+
+class FeaturePage(Out):
+    ok: Literal[True] = True
+    model: str
+    source: str
+    kind: str
+    hook_name: str
+    layer: int
+    n_features: int
+    dataset: str
+    bos_first: bool = Field(description="sequences start with a BOS token; its activation is "
+                            "left out of the statistics and is never a peak")
+    index: int
+    stats: FeatureStats
+    histogram: Histogram
+    top_logits: list[TokenValue]
+    bottom_logits: list[TokenValue]
+    top_tokens: list[TokenCount]
+    top: list[ExampleOut]
+    bottom: list[ExampleOut]
+    quantiles: list[QuantileGroup] = Field(description="examples across the range, highest first")
+    links: FeatureLinks
+
+
+# ------------------------------------------------------------------ Neuronpedia compatibility
+
+
+class NpActivation(Out):
+    """One example, shaped like an Activation of Neuronpedia's feature endpoint."""
+
+    id: str
+    modelId: str
+    layer: str
+    index: str
+    dataIndex: str
+    tokens: list[str]
+    values: list[float]
+    maxValue: float
+    maxValueTokenIndex: int
+    minValue: float
+    binMin: float
+    binMax: float
+    binContains: float
+    qualifyingTokenIndex: int | None = None
+    dfaValues: list[float] = []
+    lossValues: list[float] = []
+
+
+class NpFeature(Out):
+    """A feature shaped like the answer of Neuronpedia's GET /api/feature/{model}/{source}/{index}."""
+
+    modelId: str
+    layer: str
+    index: str
+    sourceSetName: str
+    hookName: str
+    maxActApprox: float
+    frac_nonzero: float
+    pos_str: list[str]
+    pos_values: list[float]
+    neg_str: list[str]
+    neg_values: list[float]
+    freq_hist_data_bar_heights: list[float]
+    freq_hist_data_bar_values: list[float]
+    logits_hist_data_bar_heights: list[float] = []
+    logits_hist_data_bar_values: list[float] = []
+    activations: list[NpActivation]
+    explanations: list[dict] = []
+    hasVector: bool = False
+    vector: list[float] = []
+    topkCosSimIndices: list[int] = []
+    topkCosSimValues: list[float] = []
+    neuron_alignment_indices: list[int] = []
+    neuron_alignment_values: list[float] = []
+    correlated_neurons_indices: list[int] = []
+    correlated_neurons_pearson: list[float] = []
+    correlated_features_indices: list[int] = []
+    correlated_features_pearson: list[float] = []
+    decoder_weights_dist: list[float] = []

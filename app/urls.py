@@ -1,0 +1,71 @@
+"""The one place that builds the explorer's URLs. Views and templates call these; nothing else
+glues paths together.
+
+Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`; each also
+answers as JSON with `.json` appended (`json()` below). Actions that compute live under
+`/api/v1/`; the Neuronpedia-compatible feature endpoint under `/api/feature/`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from urllib.parse import quote, urlencode
+
+JSON_SUFFIX = ".json"
+
+
+@lru_cache(maxsize=4096)
+def _seg(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _with_query(path: str, query: dict[str, object] | None) -> str:
+    if not query:
+        return path
+    items = {k: v for k, v in query.items() if v is not None}
+    return f"{path}?{urlencode(items)}" if items else path
+
+
+def home() -> str:
+    return "/"
+
+
+def model(model: str) -> str:
+    return f"/{_seg(model)}"
+
+
+def source(model: str, source: str, **query: object) -> str:
+    """The feature list of a source; query: sort, order, limit, next."""
+    return _with_query(f"/{_seg(model)}/{_seg(source)}", query)
+
+
+def feature(model: str, source: str, index: int) -> str:
+    return f"/{_seg(model)}/{_seg(source)}/{int(index)}"
+
+
+def json(url: str) -> str:
+    """The JSON twin of a page URL: `.json` appended to the path, the query kept (`/.json` for
+    the home page)."""
+    path, sep, query = url.partition("?")
+    return f"{path}{JSON_SUFFIX}{sep}{query}"
+
+
+def random_feature(model: str, source: str) -> str:
+    """Redirects to a random feature of the source (it computes, so it lives under /api/v1/)."""
+    return f"/api/v1/random/{_seg(model)}/{_seg(source)}"
+
+
+def neuronpedia_feature(model: str, source: str, index: int) -> str:
+    return f"/api/feature/{_seg(model)}/{_seg(source)}/{int(index)}"
+
+
+def static(path: str, version: str | None = None) -> str:
+    return _with_query(f"/static/{path}", {"v": version} if version else None)
+
+
+def docs() -> str:
+    return "/docs"
+
+
+def openapi() -> str:
+    return "/openapi.json"

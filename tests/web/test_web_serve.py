@@ -1,0 +1,35 @@
+"""`featurescope serve`: upgrades the schema, prints its URL, runs uvicorn on the app."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+
+from app.config import Settings
+from app.main import create_app, serve
+
+
+def test_serve_upgrades_prints_and_runs(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    args = argparse.Namespace(host="127.0.0.1", port=8123, db=url, live=True)
+    assert serve(args, Settings(data_dir=tmp_path)) == 0
+    assert "on http://127.0.0.1:8123" in capsys.readouterr().out
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    engine = ran["app"].state.engine
+    assert "features" in inspect(engine).get_table_names()  # alembic ran first
+    with TestClient(ran["app"]) as client:  # an empty database is a page, not an error
+        r = client.get("/")
+        assert r.status_code == 200 and "No models yet" in r.text
+        assert client.get("/.json").json() == {"ok": True, "models": []}
+
+
+def test_create_app_defaults_to_the_settings_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
+    app = create_app(Settings())
+    assert str(tmp_path) in app.state.engine.url.database
