@@ -1,6 +1,6 @@
 """Harvest cost against the bare forward passes on the same batches, measured in one run.
 
-    .venv/bin/python bench/harvest.py [--batches 8] [--layers all] [--compile] [--sae DIR]
+    .venv/bin/python bench/harvest.py [--batches 8] [--layers all] [--no-compile] [--sae DIR]
 
 Prints the harvest's wall time over two baselines on the same batches: the model's own forward
 pass (`model(input_ids)`, LM head included), and the truncated pass the harvest runs (blocks up to
@@ -81,7 +81,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true",
+                   help="eager reductions (the CLI compiles them by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--no-store", action="store_true", help="skip the bytes-on-disk measurement")
@@ -98,7 +99,7 @@ def main() -> None:
         from workers.sae import sae_sources
 
         specs += sae_sources(lm, args.sae, device=args.device)
-    cfg = HarvestConfig(batch_size=args.batch_size, shard_sequences=n_seq, compile=args.compile)
+    cfg = HarvestConfig(batch_size=args.batch_size, shard_sequences=n_seq, compile=not args.no_compile)
     harvester = Harvester(lm, ds.tokens, specs, cfg, bos_first=ds.bos_policy == "bos-prepended")
     batches = [ds.tokens[i:i + args.batch_size].to(args.device)
                for i in range(0, n_seq, args.batch_size)]
@@ -119,7 +120,7 @@ def main() -> None:
 
     print(f"model {lm.slug} on {args.device}, {torch.get_num_threads()} threads; "
           f"{len(specs)} sources, {n_features:,} features; {args.batches} batches of "
-          f"{args.batch_size} x {args.seq_len} = {n_tokens:,} tokens; compile={args.compile}")
+          f"{args.batch_size} x {args.seq_len} = {n_tokens:,} tokens; compile={not args.no_compile}")
     print(f"model forward     {f:8.2f} s   {n_tokens / f:9.0f} tok/s   (runs: "
           + ", ".join(f"{x:.2f}" for x in full) + ")")
     print(f"truncated forward {b:8.2f} s   {n_tokens / b:9.0f} tok/s   (runs: "
