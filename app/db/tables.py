@@ -120,8 +120,8 @@ class Source(Base):
 class Feature(Base):
     __tablename__ = "features"
     __table_args__ = (
-        Index("ix_features_source_max", "source_id", "max_act"),
-        Index("ix_features_source_density", "source_id", "frac_active"),
+        Index("ix_features_source_max", "source_id", "max_act", "idx"),
+        Index("ix_features_source_density", "source_id", "frac_active", "idx"),
         {"sqlite_with_rowid": False},
     )
 

@@ -113,8 +113,8 @@ def upgrade() -> None:
     sqlite_with_rowid=False
     )
     with op.batch_alter_table('features', schema=None) as batch_op:
-        batch_op.create_index('ix_features_source_density', ['source_id', 'frac_active'], unique=False)
-        batch_op.create_index('ix_features_source_max', ['source_id', 'max_act'], unique=False)
+        batch_op.create_index('ix_features_source_density', ['source_id', 'frac_active', 'idx'], unique=False)
+        batch_op.create_index('ix_features_source_max', ['source_id', 'max_act', 'idx'], unique=False)
 
 
 
