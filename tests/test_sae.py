@@ -1,0 +1,330 @@
+"""workers.sae: the three architectures against their formulas, SAELens and Gemma Scope files,
+refusals, and an SAE source's harvest against a brute-force encode of every token."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from sqlalchemy import select
+
+from workers.sae import (
+    METRIC_KEYS,
+    SAE,
+    SAEConfig,
+    SAEFormatError,
+    load_sae,
+    sae_sources,
+    save_sae,
+    source_slug,
+)
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, seed: int = 0,
+               **cfg) -> SAE:
+    gen = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook, architecture=arch,
+                        k=6 if arch == "topk" else None, **cfg))
+    with torch.no_grad():
+        for name, p in sae.tensors().items():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name == "threshold" else 1.0))
+        if sae.threshold is not None:
+            sae.threshold.abs_()
+    return sae.requires_grad_(False)
+
+
+def formula(t: dict[str, torch.Tensor], x: torch.Tensor, arch: str, *, k: int | None = None,
+            b_dec_in: bool = True) -> torch.Tensor:
+    """The encoder as SAELens and Gemma Scope document it, written out independently."""
+    h = (x - t["b_dec"] * b_dec_in) @ t["W_enc"] + t["b_enc"]
+    if arch == "standard":
+        return torch.relu(h)
+    if arch == "jumprelu":
+        return torch.relu(h) * (h > t["threshold"]).float()
+    vals, idx = h.topk(k, dim=-1)
+    return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_encode_matches_the_formula(arch):
+    sae = random_sae(arch)
+    x = torch.randn(3, 5, 16)
+    want = formula({k: v for k, v in sae.tensors().items()}, x, arch, k=sae.cfg.k)
+    torch.testing.assert_close(sae.encode(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x), want @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    assert sae.encode(x).shape == (3, 5, 40)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_saved_sae_loads_back_bit_for_bit(arch, tmp_path):
+    sae = random_sae(arch, extra={"model_name": "m", "context_size": 64})
+    metrics = dict.fromkeys(METRIC_KEYS, 0.5)
+    save_sae(sae, tmp_path / "sae", metrics=metrics)
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors", "training_metrics.json"]
+    back = load_sae(tmp_path / "sae")
+    assert back.cfg == sae.cfg
+    for name, t in sae.tensors().items():
+        got = back.tensors()[name]
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    x = torch.randn(4, 16)
+    assert torch.equal(back.encode(x), sae.encode(x))
+    assert json.loads((tmp_path / "sae" / "training_metrics.json").read_text()) == metrics
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_sae(sae, tmp_path / "sae")
+    (tmp_path / "empty").mkdir()
+    save_sae(sae, tmp_path / "empty")  # an empty folder is fine
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def write_saelens(folder, cfg: dict, tensors: dict[str, torch.Tensor]):
+    """An SAE folder the way SAELens's save_model writes one: cfg.json and safetensors."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def tensors_for(d_in, d_sae, *, threshold=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    if threshold:
+        t["threshold"] = torch.rand(d_sae, generator=g)
+    return t
+
+
+SAELENS_CFGS = {
+    # SAELens 6: model facts under "metadata"
+    "v6-jumprelu": ({"d_in": 16, "d_sae": 32, "dtype": "float32", "device": "cpu",
+                     "apply_b_dec_to_input": False, "normalize_activations": "none",
+                     "reshape_activations": "none", "architecture": "jumprelu",
+                     "metadata": {"model_name": "gpt2", "hook_name": HOOK, "hook_head_index": None,
+                                  "sae_lens_version": "6.5.1", "context_size": 128}}, "jumprelu"),
+    "v6-topk": ({"d_in": 16, "d_sae": 32, "dtype": "float32", "device": "cpu", "k": 5,
+                 "apply_b_dec_to_input": True, "normalize_activations": "none",
+                 "reshape_activations": "none", "architecture": "topk",
+                 "metadata": {"hook_name": HOOK, "sae_lens_version": "6.5.1"}}, "topk"),
+    # SAELens 3-5: flat, with hook_name (and hook_point before 3.0), activation_fn_str
+    "v5-standard": ({"architecture": "standard", "d_in": 16, "d_sae": 32, "dtype": "float32",
+                     "device": "cpu", "model_name": "gpt2", "hook_name": HOOK, "hook_layer": 1,
+                     "hook_head_index": None, "activation_fn_str": "relu",
+                     "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+                     "context_size": 128, "prepend_bos": True, "normalize_activations": "none",
+                     "sae_lens_training_version": "4.0.0"}, "standard"),
+    "v4-topk-as-activation": ({"d_in": 16, "d_sae": 32, "hook_point": HOOK,
+                               "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+                               "normalize_activations": False}, "topk"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAELENS_CFGS))
+def test_saelens_layout_written_by_hand_loads_and_encodes_identically(name, tmp_path):
+    cfg, arch = SAELENS_CFGS[name]
+    t = tensors_for(16, 32, threshold=arch == "jumprelu")
+    sae = load_sae(write_saelens(tmp_path / name, cfg, t))
+    assert (sae.cfg.architecture, sae.cfg.hook_name, sae.cfg.d_in, sae.cfg.d_sae) == (
+        arch, HOOK, 16, 32)
+    x = torch.randn(2, 7, 16) * 3
+    b_dec_in = cfg.get("apply_b_dec_to_input", True)
+    want = formula(t, x, arch, k=5, b_dec_in=b_dec_in)
+    torch.testing.assert_close(sae.encode(x), want, rtol=1e-5, atol=1e-5)
+    # unknown fields survive a save, so the folder stays readable by SAELens
+    save_sae(sae, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "cfg.json").read_text())
+    assert {k: again[k] for k in ("d_in", "d_sae", "hook_name", "architecture")} == {
+        "d_in": 16, "d_sae": 32, "hook_name": HOOK, "architecture": arch}
+
+
+@pytest.mark.parametrize("how", ["constant_norm_rescale", "layer_norm"])
+def test_normalize_activations_as_saelens_defines_them(how, tmp_path):
+    t = tensors_for(16, 32)
+    cfg = {"d_in": 16, "d_sae": 32, "hook_name": HOOK, "architecture": "standard",
+           "normalize_activations": how, "apply_b_dec_to_input": True}
+    sae = load_sae(write_saelens(tmp_path / how, cfg, t))
+    x = torch.randn(5, 16) * 7 + 2
+    if how == "constant_norm_rescale":
+        scale = 16**0.5 / x.norm(dim=-1, keepdim=True)
+        xn, undo = x * scale, (lambda y: y / scale)
+    else:
+        mu, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+        xn, undo = (x - mu) / (std + 1e-5), (lambda y: y * std + mu)
+    f = formula(t, xn, "standard")
+    torch.testing.assert_close(sae.encode(x), f, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae(x), undo(f @ t["W_dec"] + t["b_dec"]), rtol=1e-4, atol=1e-3)
+
+
+def test_gemma_scope_params_npz(tmp_path):
+    t = tensors_for(16, 32, threshold=True)
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_82"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.numpy() for k, v in t.items()})
+    for spec in (folder / "params.npz", folder):
+        sae = load_sae(spec)
+        assert (sae.cfg.architecture, sae.cfg.hook_name, sae.cfg.apply_b_dec_to_input) == (
+            "jumprelu", HOOK, False)
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(sae.encode(x), formula(t, x, "jumprelu", b_dec_in=False))
+    mlp = tmp_path / "gemma-scope-9b-pt-mlp" / "layer_0" / "width_16k" / "avg"
+    mlp.mkdir(parents=True)
+    np.savez(mlp / "params.npz", **{k: v.numpy() for k, v in t.items()})
+    assert load_sae(mlp).cfg.hook_name == "blocks.0.hook_mlp_out"
+    # outside Gemma Scope's layout the hook point is given after '@'
+    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in t.items()})
+    with pytest.raises(SAEFormatError, match="PATH@blocks"):
+        load_sae(tmp_path / "params.npz")
+    assert load_sae(f"{tmp_path / 'params.npz'}@blocks.0.hook_resid_pre").cfg.hook_name == (
+        "blocks.0.hook_resid_pre")
+    np.savez(tmp_path / "bad.npz", W_enc=t["W_enc"].numpy(), W_dec=t["W_dec"].numpy())
+    with pytest.raises(SAEFormatError, match="missing tensor b_enc, b_dec, threshold"):
+        load_sae(f"{tmp_path / 'bad.npz'}@{HOOK}")
+
+
+def test_source_slugs():
+    assert source_slug("blocks.6.hook_resid_post", 4096) == "6-res-sae-4k"
+    assert source_slug("blocks.1.hook_resid_post", 96) == "1-res-sae-96"
+    assert source_slug("blocks.0.hook_resid_pre", 2048) == "0-res-pre-sae-2k"
+    assert source_slug("blocks.3.hook_mlp_out", 1024) == "3-mlp-sae-1k"
+    assert source_slug("blocks.3.hook_attn_out", 16384) == "3-att-sae-16k"
+    assert source_slug("blocks.2.mlp.hook_post", 1000) == "2-mlp-post-sae-1000"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tiny_gpt2_dir):
+    from workers.models import load_model
+
+    return load_model(str(tiny_gpt2_dir))
+
+
+def test_sae_sources_fit_the_model(tiny_gpt2, tmp_path):
+    lm = tiny_gpt2
+    save_sae(random_sae("topk", 64, 96), tmp_path / "a",
+             metrics=dict.fromkeys(METRIC_KEYS, 1.0))
+    save_sae(random_sae("topk", 64, 96, seed=1), tmp_path / "b")
+    save_sae(random_sae("jumprelu", lm.d_mlp, 2048, hook="blocks.0.mlp.hook_post"), tmp_path / "c")
+    a, b, c = sae_sources(lm, [str(tmp_path / d) for d in "abc"])
+    assert [s.slug for s in (a, b, c)] == ["1-res-sae-96", "1-res-sae-96-2", "0-mlp-post-sae-2k"]
+    assert (a.kind, a.bottom, a.n_features, a.layer, a.hook_name) == ("sae", False, 96, 1, HOOK)
+    assert a.sae_config["metrics"] == dict.fromkeys(METRIC_KEYS, 1.0)
+    assert b.sae_config["metrics"] is None
+    assert a.sae_config["path"] == str((tmp_path / "a").resolve())
+    assert a.sae_config["k"] == 6 and a.sae_config["d_in"] == 64
+    assert a.sae_config["sha256"] != b.sae_config["sha256"]  # tells the two SAEs apart
+    json.dumps(a.sae_config)  # stored as JSON
+    sae = load_sae(tmp_path / "a")
+    assert torch.equal(a.directions(), sae.W_dec)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(a.encode(x), sae.encode(x))
+    mlp_sae = load_sae(tmp_path / "c")
+    torch.testing.assert_close(c.directions(), mlp_sae.W_dec @ lm.mlp_out_directions(0))
+    assert c.directions().shape == (2048, lm.d_model)
+
+
+def test_files_that_do_not_fit_are_refused(tiny_gpt2, tmp_path):
+    lm = tiny_gpt2
+    save_sae(random_sae("topk", 32, 64), tmp_path / "small")
+    with pytest.raises(SAEFormatError, match=r"small: d_in is 32 but .* has dimension 64"):
+        sae_sources(lm, [str(tmp_path / "small")])
+    save_sae(random_sae("topk", 64, 64, hook="blocks.7.hook_resid_post"), tmp_path / "deep")
+    with pytest.raises(SAEFormatError, match=r"deep: .*'blocks.7.hook_resid_post'.*layers 0\.\.1"):
+        sae_sources(lm, [str(tmp_path / "deep")])
+    save_sae(random_sae("topk", 64, 64, hook="blocks.1.attn.hook_z"), tmp_path / "z")
+    with pytest.raises(SAEFormatError, match="unknown hook point 'blocks.1.attn.hook_z'"):
+        sae_sources(lm, [str(tmp_path / "z")])
+    t = tensors_for(64, 32)
+    del t["b_dec"]
+    write_saelens(tmp_path / "partial", {"d_in": 64, "d_sae": 32, "hook_name": HOOK}, t)
+    with pytest.raises(SAEFormatError, match=r"partial.*missing tensor b_dec"):
+        sae_sources(lm, [str(tmp_path / "partial")])
+    write_saelens(tmp_path / "shape", {"d_in": 64, "d_sae": 31, "hook_name": HOOK},
+                  tensors_for(64, 32))
+    with pytest.raises(SAEFormatError, match=r"W_enc has shape \(64, 32\), expected \(64, 31\)"):
+        load_sae(tmp_path / "shape")
+    write_saelens(tmp_path / "gated", {"d_in": 64, "d_sae": 32, "hook_name": HOOK,
+                                       "architecture": "gated"}, tensors_for(64, 32))
+    with pytest.raises(SAEFormatError, match="unsupported SAE architecture 'gated'"):
+        load_sae(tmp_path / "gated")
+    write_saelens(tmp_path / "nohook", {"d_in": 64, "d_sae": 32}, tensors_for(64, 32))
+    with pytest.raises(SAEFormatError, match="lacks hook_name"):
+        load_sae(tmp_path / "nohook")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(SAEFormatError, match="not an SAE"):
+        load_sae(tmp_path / "nothing")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "cfg.json").write_text(json.dumps(
+        {"d_in": 64, "d_sae": 32, "hook_name": HOOK}))
+    with pytest.raises(SAEFormatError, match="missing sae_weights.safetensors"):
+        load_sae(tmp_path / "noweights")
+
+
+def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_url):
+    """Stored top examples, values, windows, stats and logits of an SAE source against encoding
+    every token of the dataset directly."""
+    from app.db.engine import make_engine, upgrade
+    from app.db.tables import Example, ExampleGroup, Feature, Source
+    from workers import store
+    from workers.accumulate import window_start
+    from workers.corpus import load_dataset
+    from workers.harvest import HarvestConfig, Harvester, run_harvest
+
+    lm = tiny_gpt2
+    sae = random_sae("topk", 64, 96)
+    with torch.no_grad():  # the tiny model's activations are small: let their direction decide
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    save_sae(sae, tmp_path / "sae")
+    specs = sae_sources(lm, [str(tmp_path / "sae")])
+    ds = load_dataset("pydoc", lm.tokenizer, seq_len=32, max_tokens=40 * 32)
+    cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=4,
+                        shard_sequences=12)
+    states = run_harvest(Harvester(lm, ds.tokens, specs, cfg, bos_first=True))
+    engine = make_engine(db_url)
+    upgrade(engine)
+    reg = store.begin(engine, lm, ds, specs, cfg)
+    store.finish(engine, reg, lm, ds, specs, states, cfg)
+
+    captured = []
+    lm.run_with_hooks(ds.tokens, [HOOK], lambda _n, a: captured.append(a.clone()))
+    t = {k: v for k, v in sae.tensors().items()}
+    acts = formula(t, captured[0], "topk", k=6)  # [N, T, 96], every token
+    body = acts[:, 1:]
+    peak, ppos = body.max(1)
+    sid = reg.source_ids["1-res-sae-96"]
+    with engine.connect() as conn:
+        src = conn.execute(select(Source).where(Source.id == sid)).one()
+        assert (src.kind, src.status, src.sae_config["k"]) == ("sae", "ready", 6)
+        feats = conn.execute(select(Feature).where(Feature.source_id == sid)
+                             .order_by(Feature.idx)).all()
+        examples = conn.execute(select(Example).where(Example.source_id == sid).order_by(
+            Example.feature_idx, Example.group, Example.rank)).all()
+    by_feature: dict[int, list] = {}
+    for e in examples:
+        by_feature.setdefault(e.feature_idx, []).append(e)
+    assert not [e for e in examples if e.group == ExampleGroup.bottom]
+    n_checked = 0
+    for f in range(96):
+        cands = sorted((-peak[s, f].item(), s) for s in range(len(ds.tokens)) if peak[s, f] > 0)
+        want = [s for _, s in cands[:cfg.top_k]]
+        top = [e for e in by_feature.get(f, []) if e.group == ExampleGroup.top]
+        assert [e.seq_idx for e in top] == want, f"feature {f}"
+        for e in top:
+            s = e.seq_idx
+            assert e.peak_value == pytest.approx(peak[s, f].item(), rel=1e-5, abs=1e-6)
+            assert e.peak_pos == ppos[s, f].item() + 1
+            start = window_start(torch.tensor(e.peak_pos), 32, cfg.window).item()
+            assert e.start == start
+            stored = np.frombuffer(e.acts, dtype="<f2").astype(np.float32)
+            np.testing.assert_allclose(stored, acts[s, start:start + cfg.window, f].half().float(),
+                                       rtol=2e-3, atol=1e-4)
+            n_checked += 1
+        row = feats[f]
+        assert row.n_active == int((body[:, :, f] > 0).sum())
+        assert row.max_act == pytest.approx(body[:, :, f].max().item(), rel=1e-5, abs=1e-6)
+        eff = lm.logit_effects(sae.W_dec[f:f + 1])[0]
+        assert [tok for tok, _ in row.top_logits] == eff.topk(10).indices.tolist()
+    assert n_checked > 2 * 96, n_checked  # most features fired in several sequences
