@@ -6,6 +6,7 @@ rows they read. Nothing here imports torch or `workers`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import struct
@@ -169,6 +170,28 @@ def decode_acts(blob: bytes, n: int) -> Seq[float]:
     return itemgetter(*codes)(table) if n > 1 else [table[c] for c in codes]
 
 
+_HALF_JSON: list[bytes] = []
+
+
+def half_json_table() -> list[bytes]:
+    """Every float16 bit pattern as the JSON text (UTF-8) of its shortest decimal, null for inf
+    and NaN as pydantic writes them: a window of activations is then written by one join."""
+    if not _HALF_JSON:
+        _HALF_JSON[:] = [repr(v).encode() if math.isfinite(v) else b"null" for v in half_table()]
+    return _HALF_JSON
+
+
+def acts_json(blob: bytes, n: int) -> bytes:
+    """The first n float16 LE activations of a blob as the items of a JSON array (no brackets)
+    of their shortest decimals: what `json.dumps(decode_acts(blob, n))` writes, without making
+    a float per value."""
+    if n <= 0:
+        return b""
+    table = half_json_table()
+    codes = struct.unpack_from(f"<{n}H", blob)
+    return b",".join(itemgetter(*codes)(table)) if n > 1 else table[codes[0]]
+
+
 def decode_tokens(blob: bytes, start: int, n: int) -> Seq[int]:
     """Token ids start .. start+n of an int32 LE sequence blob."""
     return struct.unpack_from(f"<{n}i", blob, start * 4)
@@ -193,12 +216,40 @@ class Vocab:
         except IndexError:
             return [self.text(i) for i in ids]
 
-    def derived(self, name: str, fn: Callable[[str], str]) -> list[str]:
-        """fn applied to every token text, computed once (e.g. the display form of tokens)."""
+    def json_items(self, ids: Seq[int]) -> tuple[bytes, bytes]:
+        """(ids, texts) of many token ids as the items of two JSON arrays, without brackets,
+        from the UTF-8 JSON text of each id and token made once per vocabulary."""
+        if not ids:
+            return b"", b""
+        texts = self.derived("json", json_string)
+        numbers = self.derived("ids", None)
+        try:
+            if len(ids) > 1:
+                get = itemgetter(*ids)
+                return b",".join(get(numbers)), b",".join(get(texts))
+            return numbers[ids[0]], texts[ids[0]]
+        except IndexError:
+            return (b",".join(str(i).encode() for i in ids),
+                    b",".join(texts[i] if 0 <= i < len(texts) else b'""' for i in ids))
+
+    def derived(self, name: str, fn: Callable[[str], object] | None) -> list:
+        """fn applied to every token text, computed once (e.g. the display form of tokens);
+        fn None: the decimal text (UTF-8) of every token id."""
         table = self._derived.get(name)
         if table is None:
-            table = self._derived[name] = [fn(t) for t in self.texts]
+            table = self._derived[name] = (
+                [str(i).encode() for i in range(len(self.texts))] if fn is None
+                else [fn(t) for t in self.texts])
         return table
+
+
+def json_string(text: str) -> bytes:
+    """A string as JSON text in UTF-8, non-ASCII kept as is (like pydantic); one with lone
+    surrogates, which UTF-8 cannot carry, with \\u escapes."""
+    try:
+        return json.dumps(text, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(text).encode()
 
 
 class VocabCache:

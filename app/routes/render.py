@@ -30,6 +30,11 @@ def etag(request: Request, version_hash: str | None) -> str | None:
     return f'"{version_hash}-{request.app.state.build}-{variant}"'
 
 
+def json_headers(tag: str | None) -> dict[str, str]:
+    """The headers of a JSON answer that a view writes itself (the ones `render` sends)."""
+    return _headers(tag)
+
+
 def _headers(tag: str | None) -> dict[str, str]:
     headers = {"Cache-Control": "no-cache", "Vary": "HX-Request"}
     if tag:

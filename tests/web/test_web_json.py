@@ -61,6 +61,28 @@ def test_every_page_validates_against_its_schema(client, web_db):
     assert n >= 16
 
 
+def test_feature_json_is_the_pydantic_document(client, app, web_db):
+    """The feature JSON is written without pydantic (the hot path of the API): it must be the
+    document that `build_feature(...).model_dump_json()` writes, on every feature."""
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from app.db import queries
+    from app.routes.features import build_feature
+
+    n = 0
+    with Session(web_db.engine) as session:
+        for model, s, _ in feature_urls(client, web_db):
+            src = queries.source_by_slug(session, model=model, source=s.slug)
+            for i in range(s.n_features) if n == 0 else (0, s.n_features - 1):
+                want = build_feature(session, app.state.vocabs, src, i).model_dump_json()
+                got = client.get(f"/{model}/{s.slug}/{i}.json").content
+                assert json.loads(got) == json.loads(want), (model, s.slug, i)
+                n += 1
+    assert n > 16
+
+
 def test_home_lists_sources_with_kind_hook_count_dataset_and_progress(client, web_db):
     home = get_json(client, "/.json", HomePage)
     llama = next(m for m in home.models if m.slug == web_db.llama)
