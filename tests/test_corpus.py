@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gpt2_tokenizer
+from support import gpt2_tokenizer
 
 from workers.corpus import (
     BUILTIN_DATASETS,

@@ -21,7 +21,7 @@ N_FEATURES, N_SEQ, SEQ_LEN = 30_000, 2_000, 64
 
 @pytest.fixture(scope="module")
 def pg_engine(request):
-    from conftest import _fresh_pg_url, postgres_available
+    from support import fresh_pg_url, postgres_available
 
     reason = postgres_available()
     if reason:
@@ -30,7 +30,7 @@ def pg_engine(request):
         if os.environ.get("CI"):
             pytest.fail(reason + " (CI requires PostgreSQL)")
         pytest.skip(reason)
-    engine = make_engine(_fresh_pg_url("fs_test_explain"))
+    engine = make_engine(fresh_pg_url("fs_test_explain"))
     upgrade(engine)
     rng = np.random.default_rng(0)
     with Session(engine) as session, session.begin():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_states_equal
+from support import assert_states_equal
 
 from workers.accumulate import window_start
 from workers.corpus import load_dataset

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, gpt2_tokenizer
+from support import build_tiny_gpt2, build_tiny_llama, gpt2_tokenizer
 
 from workers import models as M
 
@@ -279,9 +277,7 @@ def test_logit_effects_match_brute_force(any_model):
 
 
 def test_token_strings(tiny):
-    t = time.perf_counter()
     strings = tiny.token_strings()
-    assert time.perf_counter() - t < 5.0
     assert len(strings) == tiny.vocab_size == 50257
     assert strings[0] == "!" and strings[198] == "\n" and strings[50256] == "<|endoftext|>"
     assert strings[10000] == tiny.tokenizer.decode([10000])
@@ -384,9 +380,9 @@ def test_default_model_loads_and_caches(tmp_path):
     ids = lm.tokenizer("The cat sat on the", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = lm.hf_model(ids).logits
-    t = time.perf_counter()
-    again = M.load_model(M.DEFAULT_MODEL, cache_dir=cache)
-    assert time.perf_counter() - t < 5.0
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    again = M.load_model(M.DEFAULT_MODEL, cache_dir=cache)  # from the cache, not converted again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
     assert M.prepare_default_model(cache) == folder
     with torch.no_grad():
         torch.testing.assert_close(again.hf_model(ids).logits, logits)

@@ -14,7 +14,7 @@ if os.environ.get("CI"):
 else:
     ray = pytest.importorskip("ray", reason="the Ray backend needs the 'ray' extra")
 
-from conftest import assert_states_equal  # noqa: E402
+from support import assert_states_equal  # noqa: E402
 
 from workers.corpus import load_dataset  # noqa: E402
 from workers.harvest import Checkpoint, HarvestConfig, Harvester, run_harvest  # noqa: E402
