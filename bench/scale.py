@@ -184,7 +184,7 @@ def main() -> None:
     serve_bench = _serve_bench()
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tiny_gpt2, gpt2_tokenizer
+    from support import build_tiny_gpt2, gpt2_tokenizer
 
     from workers.models import from_hf_model
 
