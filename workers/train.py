@@ -319,7 +319,7 @@ def train_sae(lm, dataset, cfg: TrainConfig, out: str | Path, *, progress: bool 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: choose another --out or remove it")
-    d_in = lm.hook_shape_dim(cfg.hook_name)
+    lm.hook_shape_dim(cfg.hook_name)  # checks the hook point
     tokens = dataset.tokens
     n_seq, seq_len = tokens.shape
     first = 1 if dataset.bos_policy == "bos-prepended" else 0
@@ -366,11 +366,11 @@ def train_sae(lm, dataset, cfg: TrainConfig, out: str | Path, *, progress: bool 
                          "activation_scale": trainer.scale, "steps": trainer.steps,
                          "outlier_norm": trainer.max_norm, "outliers_skipped": trainer.n_outliers,
                          "train_seconds": round(seconds, 1)}})
-    assert sae.cfg.d_in == d_in
     log.info("trained %d steps in %.0f s; evaluating on %d held-out sequences", trainer.steps,
              seconds, n_eval)
     metrics = evaluate(lm, sae, tokens[n_seq - n_eval:], first=first, batch_size=cfg.model_batch)
-    metrics.update(dead_fraction=dead_fraction, n_tokens_trained=trainer.n_tokens)
+    # every kept activation is trained on exactly `passes` times: count the distinct ones
+    metrics.update(dead_fraction=dead_fraction, n_tokens_trained=trainer.n_tokens // cfg.passes)
     save_sae(sae, out, metrics=metrics)
     return metrics
 
@@ -396,10 +396,11 @@ def cmd_train_sae(args, settings, *, device: str) -> int:
     dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len, max_tokens=cap,
                            cache_dir=settings.cache_dir)
     m = train_sae(lm, dataset, cfg, out, progress=not args.quiet)
-    lr = m["loss_recovered"]
-    print(f"wrote {out}: L0 {m['l0']:.1f}, variance explained {m['variance_explained']:.3f}, "
-          f"dead {m['dead_fraction']:.1%}, mse {m['mse']:.4g} over {m['n_tokens_trained']} tokens\n"
+    rec = m["loss_recovered"]
+    print(f"wrote {out}: trained on {m['n_tokens_trained']} tokens x {cfg.passes} passes; "
+          f"L0 {m['l0']:.1f}, variance explained {m['variance_explained']:.3f}, "
+          f"dead {m['dead_fraction']:.1%}, mse {m['mse']:.4g}\n"
           f"cross-entropy: clean {m['ce_clean']:.4f}, SAE spliced {m['ce_spliced']:.4f}, "
           f"zero-ablated {m['ce_zero_ablation']:.4f}: loss recovered "
-          + ("n/a" if lr is None else f"{lr:.1%}"))
+          + ("n/a" if rec is None else f"{rec:.1%}"))
     return 0
