@@ -27,6 +27,18 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    live_max_tokens: int = 1024
+    """Live inference (`serve --live`): texts longer than this many tokens are refused (413)."""
+
+    live_max_texts: int = 16
+    """Live inference: the most texts one request may send."""
+
+    live_max_wait: float = 10.0
+    """Live inference: seconds a request may wait for the model before it is answered 503."""
+
+    live_device: str = "auto"
+    """Live inference: the device the models run on (auto: cuda when there is one)."""
+
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:

@@ -23,7 +23,9 @@ from app import urls
 from app.config import Settings
 from app.db.engine import make_engine
 from app.db.queries import VocabCache, half_table
+from app.live import LiveService, start_live
 from app.routes import api, docs, errors, features, models, neuronpedia, sources
+from app.routes import live as live_routes
 from app.routes.present import GLOBALS
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,10 @@ def tune_for_reads(engine: Engine) -> None:
         cur.close()
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, *, engine: Engine | None = None,
+               live: LiveService | None = None) -> FastAPI:
     """The explorer over `engine` (default: settings.db_url). The schema must be up to date
-    (`serve` upgrades it first)."""
+    (`serve` upgrades it first). `live`: the loaded models for your own text (`serve --live`)."""
     app = FastAPI(title="featurescope",
                   summary="Neurons and SAE features of transformer language models",
                   description="Every page answers as JSON with `.json` appended to its URL. "
@@ -122,9 +125,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.build = build_id()
     app.state.templates = make_templates(app.state.build)
     app.state.vocabs = VocabCache()
+    app.state.live = live
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (docs, api, neuronpedia, models, sources, features):
+    # `live` first: its /search and /tokens pages come before the /{model} page.
+    for module in (docs, api, neuronpedia, live_routes, models, sources, features):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app
@@ -138,11 +143,12 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = make_engine(args.db or settings.db_url)
     upgrade(engine)
-    app = create_app(settings, engine=engine)
+    live = start_live(engine, settings) if getattr(args, "live", False) else None
+    if live is not None and not live.models.models:
+        log.warning("--live: no model could be loaded; serving the stored features only")
+    app = create_app(settings, engine=engine, live=live)
     host = args.host or settings.host
     port = args.port or settings.port
-    if getattr(args, "live", False):
-        log.warning("--live: live inference is not available yet; serving the stored features")
     if not HTMX.is_file():
         log.warning("%s is missing (run static/fetch_vendor.sh): pages work, without partial "
                     "updates", HTMX.relative_to(ROOT))

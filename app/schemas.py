@@ -120,6 +120,11 @@ class TokenCount(Out):
     count: int
 
 
+class TokenRef(Out):
+    id: int
+    text: str
+
+
 class TokenValue(Out):
     id: int
     text: str
@@ -215,6 +220,106 @@ class FeaturePage(Out):
     bottom: list[ExampleOut]
     quantiles: list[QuantileGroup] = Field(description="examples across the range, highest first")
     links: FeatureLinks
+
+
+# ------------------------------------------------------------------ live inference and search
+
+
+class ActivationsIn(BaseModel):
+    """One feature's activations on text of your own: give `text`, `texts` or `tokens`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=128, examples=["smollm2-135m-instruct"])
+    source: str = Field(max_length=128, examples=["6-mlp"])
+    index: int = Field(ge=0, le=2**31 - 1)
+    text: str | None = Field(None, description="tokenized like the corpus: BOS first when the "
+                             "model has one")
+    texts: list[str] | None = Field(None, description="several texts, answered in `results`")
+    tokens: list[int] | None = Field(None, description="token ids, run exactly as given")
+
+
+class TextActivations(Out):
+    tokens: list[str]
+    token_ids: list[int]
+    values: list[float] = Field(description="the feature's float32 activation at every token")
+    max_value: float = Field(description="the largest value, the BOS token left out")
+    max_index: int = Field(description="where it is (the first such token)")
+
+
+class ActivationsOut(Out):
+    """Shaped like Neuronpedia's activation/new answer (tokens, values, max and where)."""
+
+    ok: Literal[True] = True
+    model: str
+    source: str
+    index: int
+    bos_first: bool
+    tokens: list[str] | None = None
+    token_ids: list[int] | None = None
+    values: list[float] | None = None
+    max_value: float | None = None
+    max_index: int | None = None
+    results: list[TextActivations] | None = Field(None, description="one per text of `texts`")
+
+
+class SearchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=128)
+    text: str
+    sources: list[str] | None = Field(None, description="source slugs; default: every live "
+                                      "source of the model")
+    top: int = Field(20, ge=1, le=200, description="features to return")
+    per_token: int = Field(5, ge=0, le=50, description="top features listed for each token")
+
+
+class SearchHit(Out):
+    source: str
+    index: int
+    max_value: float = Field(description="its largest activation on the text")
+    max_index: int = Field(description="at which token")
+    max_act: float | None = Field(description="its largest activation over the corpus")
+    relative: float | None = Field(description="max_value / max_act")
+    values: list[float]
+    url: str
+
+
+class TokenHit(Out):
+    source: str
+    index: int
+    value: float
+
+
+class SearchOut(Out):
+    ok: Literal[True] = True
+    model: str
+    sources: list[str]
+    text: str
+    bos_first: bool
+    tokens: list[str]
+    token_ids: list[int]
+    features: list[SearchHit] = Field(description="ranked by max_value, highest first")
+    per_token: list[list[TokenHit]] = Field(description="per token, its top features")
+    url: str = Field(description="the search page of this query")
+
+
+class TokenFeature(Out):
+    source: str
+    index: int
+    token_id: int
+    count: int = Field(description="how many of its top examples peak on the token")
+    n_top: int = Field(description="how many top examples it has")
+    max_act: float
+    frac_active: float
+    url: str
+
+
+class TokenSearchOut(Out):
+    ok: Literal[True] = True
+    model: str
+    query: str | None
+    tokens: list[TokenRef] = Field(description="the token ids searched")
+    features: list[TokenFeature] = Field(description="by count, then max_act, highest first")
+    url: str
 
 
 # ------------------------------------------------------------------ Neuronpedia compatibility

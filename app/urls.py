@@ -1,8 +1,9 @@
 """The one place that builds the explorer's URLs. Views and templates call these; nothing else
 glues paths together.
 
-Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`; each also
-answers as JSON with `.json` appended (`json()` below). Actions that compute live under
+Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`, and the
+searches `/search` (by text) and `/tokens` (by token); each also answers as JSON with `.json`
+appended (`json()` below). Actions that compute live under
 `/api/v1/`; the Neuronpedia-compatible feature endpoint under `/api/feature/`.
 """
 
@@ -41,6 +42,32 @@ def source(model: str, source: str, **query: object) -> str:
 
 def feature(model: str, source: str, index: int) -> str:
     return f"/{_seg(model)}/{_seg(source)}/{int(index)}"
+
+
+def try_text(model: str, source: str, index: int, text: str | None = None) -> str:
+    """A feature page with its activations on a text of the user's (live inference)."""
+    return _with_query(f"{feature(model, source, index)}/try", {"text": text})
+
+
+def search(model: str | None = None, text: str | None = None,
+           sources: list[str] | None = None) -> str:
+    """The features that fire most on a text (live inference); the query is the search."""
+    return _with_query("/search", {"model": model, "text": text,
+                                   "sources": ",".join(sources) if sources else None})
+
+
+def token_search(model: str | None = None, token: str | None = None,
+                 token_id: int | None = None) -> str:
+    """The features whose top examples peak on a token (from the harvest)."""
+    return _with_query("/tokens", {"model": model, "token": token, "id": token_id})
+
+
+def activations_api() -> str:
+    return "/api/v1/activations"
+
+
+def search_api() -> str:
+    return "/api/v1/search"
 
 
 def json(url: str) -> str:

@@ -7,7 +7,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from workers.sae import SAE
 
 PG_URL = os.environ.get("FEATURESCOPE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -116,3 +126,62 @@ def fresh_pg_url(name: str) -> str:
     admin.dispose()
     base = PG_URL.rsplit("/", 1)[0]
     return f"{base}/{name}"
+
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, seed: int = 0,
+               **cfg) -> SAE:
+    """An SAE of the given architecture with random weights (thresholds positive)."""
+    import torch
+
+    from workers.sae import SAE, SAEConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook, architecture=arch,
+                        k=6 if arch == "topk" else None, **cfg))
+    with torch.no_grad():
+        for name, p in sae.tensors().items():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name == "threshold" else 1.0))
+        if sae.threshold is not None:
+            sae.threshold.abs_()
+    return sae.requires_grad_(False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app):
+    """A real uvicorn server for `app` in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+needs_chromium = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
+                       "/usr/bin/chromium (make browser installs it)"),
+]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.db import queries
 from app.db.bulk import bulk_insert
 from app.db.engine import make_engine, upgrade
-from app.db.tables import Dataset, Example, Feature, Model, Sequence, Source
+from app.db.tables import Dataset, Example, Feature, Model, PeakToken, Sequence, Source
 
 N_FEATURES, N_SEQ, SEQ_LEN = 30_000, 2_000, 64
 
@@ -56,6 +56,10 @@ def pg_engine(request):
                 "peak_value", "acts"),
                 ((sid, i, 0, r, (i * 7 + r) % N_SEQ, 0, 3, 1.0, b"\0\0" * 16)
                  for i in range(N_FEATURES) for r in range(4)))
+            bulk_insert(session, PeakToken.__table__,
+                        ("source_id", "token_id", "feature_idx", "count"),
+                        ((sid, (i * 13 + j) % 5000, i, 4 - j) for i in range(N_FEATURES)
+                         for j in range(4)))
         bulk_insert(session, Sequence.__table__, ("dataset_id", "idx", "tokens"),
                     ((did, i, b"\0\0\0\0" * SEQ_LEN) for i in range(N_SEQ)))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -122,4 +126,17 @@ def test_random_feature_is_an_index_lookup(pg_engine):
     engine, sid, _ = pg_engine
     for plan in plans_of(engine, lambda s: queries.random_index(
             s, source_id=sid, n_features=N_FEATURES, rng=random.Random(3))):
+        assert_indexed(plan)
+
+
+def test_token_search_reads_a_range_of_peak_tokens(pg_engine):
+    engine, sid, _ = pg_engine
+
+    def run(s):
+        found = queries.peak_token_features(s, source_ids=[sid, sid - 1], token_ids=[17, 4017],
+                                            limit=50)
+        assert found
+        queries.top_counts(s, source_id=sid, indices=[r.feature_idx for r in found])
+
+    for plan in plans_of(engine, run):
         assert_indexed(plan)

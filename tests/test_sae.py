@@ -10,32 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
+from support import HOOK, random_sae
 
 from workers.sae import (
     METRIC_KEYS,
-    SAE,
-    SAEConfig,
     SAEFormatError,
     load_sae,
     sae_sources,
     save_sae,
     source_slug,
 )
-
-HOOK = "blocks.1.hook_resid_post"
-
-
-def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, seed: int = 0,
-               **cfg) -> SAE:
-    gen = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook, architecture=arch,
-                        k=6 if arch == "topk" else None, **cfg))
-    with torch.no_grad():
-        for name, p in sae.tensors().items():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name == "threshold" else 1.0))
-        if sae.threshold is not None:
-            sae.threshold.abs_()
-    return sae.requires_grad_(False)
 
 
 def formula(t: dict[str, torch.Tensor], x: torch.Tensor, arch: str, *, k: int | None = None,

@@ -292,6 +292,15 @@ def source_slug(hook_name: str, d_sae: int) -> str:
     return f"{layer}-{_SLUG_KIND[kind]}-sae-{size}"
 
 
+def sae_weights_sha256(path: Path) -> str:
+    """sha256 of the weights file of an SAE given as a folder or a file (what a source records,
+    so that live inference can check it loads the same SAE)."""
+    folder = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else (
+        folder / WEIGHTS_FILE if (folder / CFG_FILE).is_file() else folder / "params.npz")
+    return _sha256(weights)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -338,11 +347,9 @@ def sae_sources(lm, specs: list[str], *, device: str | torch.device = "cpu") -> 
 
         path = split_spec(spec)[0]
         folder = path if path.is_dir() else path.parent
-        weights = path if path.is_file() else (
-            folder / WEIGHTS_FILE if (folder / CFG_FILE).is_file() else folder / "params.npz")
         out.append(SourceSpec(
             slug=slug, kind="sae", hook_name=cfg.hook_name, layer=layer, n_features=cfg.d_sae,
             bottom=False, encode=sae.encode, directions=directions,
             sae_config={**cfg.to_dict(), "metrics": read_metrics(folder),
-                        "path": str(path.resolve()), "sha256": _sha256(weights)}))
+                        "path": str(path.resolve()), "sha256": sae_weights_sha256(path)}))
     return out

@@ -24,6 +24,7 @@ from app.db.tables import (
     ExampleGroup,
     Feature,
     Model,
+    PeakToken,
     Sequence,
     Source,
     SourceStatus,
@@ -193,6 +194,8 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
                    "frac_active", "n_active", "n_tokens", "histogram", "top_logits",
                    "bottom_logits", "top_tokens")
 
+PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
+
 
 def _example_rows(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
                   seq_len: int, window: int) -> list[tuple]:
@@ -226,6 +229,7 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             st = states[spec.slug]
             session.execute(delete(Example).where(Example.source_id == sid))
             session.execute(delete(Feature).where(Feature.source_id == sid))
+            session.execute(delete(PeakToken).where(PeakToken.source_id == sid))
             window = st.top.windows.shape[-1]
             tops, bottoms = logit_tables(lm, spec.directions())
 
@@ -237,7 +241,7 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             cols = zip(stats.max.tolist(), stats.min.tolist(), stats.mean.tolist(),
                        stats.std.tolist(), stats.n_active.tolist(), stats.hist.tolist(),
                        strict=True)
-            feats = []
+            feats, peaks = [], []
             for f, (mx, mn, mean, std, nact, hist) in enumerate(cols):
                 toks, counts = peak_tok[:, f][fired[:, f]].unique(return_counts=True)
                 order = counts.argsort(descending=True, stable=True)[:N_TOP_TOKENS]
@@ -245,7 +249,9 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
                                                      counts[order].tolist(), strict=True)]
                 feats.append((sid, f, mx, mn, mean, std, nact / n, nact, stats.n_tokens,
                               _json(hist), _json(tops[f]), _json(bottoms[f]), _json(top_tokens)))
+                peaks += [(sid, t, f, c) for t, c in top_tokens]
             bulk_insert(session, Feature.__table__, FEATURE_COLUMNS, feats)
+            bulk_insert(session, PeakToken.__table__, PEAK_COLUMNS, peaks)
 
             groups = [(ExampleGroup.top, st.top, torch.arange(st.top.size)[:, None].expand(
                 -1, spec.n_features))]

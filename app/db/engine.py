@@ -36,16 +36,22 @@ def make_engine(url: str, **kwargs) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (alembic upgrade head)."""
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest migration (alembic upgrade head), or to `revision`;
+    a revision older than the database's goes down to it."""
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if revision != "head" and current is not None and current > revision:
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -16,10 +16,20 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from sqlalchemy import Row, bindparam, select, tuple_
+from sqlalchemy import Row, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from app.db.tables import Dataset, Example, Feature, Model, Sequence, Source, Vocabulary
+from app.db.tables import (
+    Dataset,
+    Example,
+    ExampleGroup,
+    Feature,
+    Model,
+    PeakToken,
+    Sequence,
+    Source,
+    Vocabulary,
+)
 
 MAX_ROWS = 500
 """The most rows one page of a list reads."""
@@ -113,6 +123,43 @@ def features_page(session: Session, *, source_id: int, sort: str, desc: bool,
     if sort == "index":
         order = order[1:]
     return session.execute(q.order_by(*order).limit(limit)).all()
+
+
+def peak_token_features(session: Session, *, source_ids: Seq[int], token_ids: Seq[int],
+                        limit: int) -> Seq[Row]:
+    """Features whose top examples peak on one of the tokens: (source_id, feature_idx, token_id,
+    count, max_act, frac_active), by count, then max activation, highest first."""
+    if not source_ids or not token_ids:
+        return []
+    q = (select(PeakToken.source_id, PeakToken.feature_idx, PeakToken.token_id, PeakToken.count,
+                Feature.max_act, Feature.frac_active)
+         .join(Feature, (Feature.source_id == PeakToken.source_id)
+               & (Feature.idx == PeakToken.feature_idx))
+         .where(PeakToken.source_id.in_(list(source_ids)),
+                PeakToken.token_id.in_(list(token_ids)))
+         .order_by(PeakToken.count.desc(), Feature.max_act.desc(), PeakToken.source_id,
+                   PeakToken.feature_idx)
+         .limit(min(limit, MAX_ROWS)))
+    return session.execute(q).all()
+
+
+def top_counts(session: Session, *, source_id: int, indices: Seq[int]) -> dict[int, int]:
+    """How many top examples each of these features has."""
+    if not indices:
+        return {}
+    q = (select(Example.feature_idx, func.count())
+         .where(Example.source_id == source_id, Example.group == ExampleGroup.top,
+                Example.feature_idx.in_(list(indices)))
+         .group_by(Example.feature_idx))
+    return dict(session.execute(q).all())
+
+
+def max_acts(session: Session, *, source_id: int, indices: Seq[int]) -> dict[int, float]:
+    if not indices:
+        return {}
+    q = select(Feature.idx, Feature.max_act).where(Feature.source_id == source_id,
+                                                   Feature.idx.in_(list(indices)))
+    return dict(session.execute(q).all())
 
 
 def random_index(session: Session, *, source_id: int, n_features: int,
@@ -231,6 +278,16 @@ class Vocab:
         except IndexError:
             return (b",".join(str(i).encode() for i in ids),
                     b",".join(texts[i] if 0 <= i < len(texts) else b'""' for i in ids))
+
+    def ids_of(self, text: str) -> list[int]:
+        """Every token id whose display text is exactly `text`."""
+        index = self._derived.get("index")
+        if index is None:
+            index = {}
+            for i, t in enumerate(self.texts):
+                index.setdefault(t, []).append(i)
+            self._derived["index"] = index
+        return index.get(text, [])
 
     def derived(self, name: str, fn: Callable[[str], object] | None) -> list:
         """fn applied to every token text, computed once (e.g. the display form of tokens);

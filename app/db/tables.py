@@ -185,3 +185,18 @@ class Example(Base):
     peak_pos: Mapped[int] = mapped_column(SmallInteger, doc="peak position in the sequence")
     peak_value: Mapped[float] = mapped_column(Float, doc="the exact (float32) peak activation")
     acts: Mapped[bytes] = mapped_column(LargeBinary, doc="float16 little-endian, one per window token")
+
+
+class PeakToken(Base):
+    """How many of a feature's top examples peak on a token: `features.top_tokens` indexed by
+    token, so a search by token reads a range instead of every feature."""
+
+    __tablename__ = "peak_tokens"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(SmallInteger)

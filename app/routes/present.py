@@ -180,4 +180,4 @@ def progress(done: int, total: int) -> float:
 
 GLOBALS = {"fmt": fmt, "pct": pct, "count": count, "shown": shown, "cells": cells,
            "hist_plot": hist_plot, "half": half, "single": single, "progress": progress,
-           "density_width": density_width}
+           "density_width": density_width, "zip": zip}

@@ -27,6 +27,8 @@ def etag(request: Request, version_hash: str | None) -> str | None:
     if not version_hash:
         return None
     variant = "j" if wants_json(request) else ("h" if is_htmx(request) else "p")
+    if request.app.state.live is not None:  # pages offer your own text only when live
+        variant += "l"
     return f'"{version_hash}-{request.app.state.build}-{variant}"'
 
 

@@ -6,30 +6,14 @@ import re
 from pathlib import Path
 
 import pytest
+from support import needs_chromium
 
 from app.routes.present import alpha, single
 from app.schemas import FeaturePage
 
-CHROMIUM = Path("/usr/bin/chromium")
 HTMX = Path(__file__).resolve().parents[2] / "static" / "vendor" / "htmx.min.js"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
-                       "/usr/bin/chromium (make browser installs it)"),
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
+pytestmark = needs_chromium
 
 
 @pytest.fixture
