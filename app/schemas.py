@@ -346,6 +346,27 @@ class NpActivation(Out):
     lossValues: list[float] = []
 
 
+class NpFeatureRef(BaseModel):
+    modelId: str = Field(max_length=128)
+    source: str = Field(max_length=128)
+    index: str | int
+
+
+class NpActivationNewIn(BaseModel):
+    """The body of Neuronpedia's POST /api/activation/new."""
+
+    feature: NpFeatureRef
+    customText: str
+
+
+class NpActivationNewOut(Out):
+    tokens: list[str]
+    values: list[float]
+    maxValue: float
+    maxValueTokenIndex: int
+    minValue: float
+
+
 class NpFeature(Out):
     """A feature shaped like the answer of Neuronpedia's GET /api/feature/{model}/{source}/{index}."""
 

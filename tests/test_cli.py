@@ -158,6 +158,43 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
                               .limit(1)).scalar()
         assert logits
     eng.dispose()
+    live_answers_equal_stored_examples(db, tmp_path, lm, tokens)
+
+
+def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> None:
+    """`serve --live` over the harvest loads the built-in model back from what the database
+    recorded, and its answers for stored examples (sent as text) are the stored values."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.db.engine import make_engine
+    from app.live import start_live
+    from app.main import create_app
+
+    settings = Settings(data_dir=tmp_path, cache=SHARED_CACHE, database_url=f"sqlite:///{db}")
+    engine = make_engine(settings.db_url)
+    live = start_live(engine, settings)
+    assert sorted(live.models.model(lm.slug).sources) == ["0-mlp", "15-mlp", "29-mlp"]
+    with TestClient(create_app(settings, engine=engine, live=live)) as client:
+        as_text = 0
+        for f in (100, 777):
+            page = client.get(f"/{lm.slug}/15-mlp/{f}.json").json()
+            for ex in page["top"][:3]:
+                end = ex["start"] + len(ex["acts"])
+                prefix = tokens[ex["seq_idx"], :end].tolist()
+                out = client.post("/api/v1/activations", json={
+                    "model": lm.slug, "source": "15-mlp", "index": f,
+                    "text": lm.tokenizer.decode(prefix[1:])}).json()
+                if out["token_ids"] != prefix:
+                    continue
+                as_text += 1
+                got = np.asarray(out["values"][ex["start"]:end], dtype=np.float32)
+                np.testing.assert_allclose(got, np.asarray(ex["acts"], dtype=np.float32),
+                                           rtol=2e-3, atol=2e-3)
+                assert out["values"][ex["peak_pos"]] == pytest.approx(ex["peak_value"],
+                                                                      rel=1e-4, abs=1e-4)
+        assert as_text >= 3
+    engine.dispose()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -13,6 +13,7 @@ limits); without `serve --live` its answers say how to enable it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -32,6 +33,8 @@ from app.schemas import (
     ActivationsOut,
     ErrorOut,
     ExampleOut,
+    NpActivationNewIn,
+    NpActivationNewOut,
     SearchHit,
     SearchIn,
     SearchOut,
@@ -204,6 +207,23 @@ async def activations(request: Request, body: ActivationsIn, session: SessionDep
         out = ActivationsOut(**head, **outs[0].model_dump())
     return Response(out.model_dump_json(exclude_none=True), media_type="application/json",
                     headers={"Cache-Control": "no-store"})
+
+
+@router.post("/api/activation/new", response_model=NpActivationNewOut, responses=ERRORS,
+             summary="Activations on your text, shaped like Neuronpedia's /api/activation/new")
+async def neuronpedia_activation(request: Request, body: NpActivationNewIn, session: SessionDep):
+    try:
+        index = int(body.feature.index)
+    except ValueError:
+        raise _bad(f"feature.index must be an integer, got {body.feature.index!r}") from None
+    if index < 0:
+        raise _bad("feature.index must be at least 0")
+    req = ActivationsIn(model=body.feature.modelId, source=body.feature.source, index=index,
+                        text=body.customText)
+    out = json.loads((await activations(request, req, session)).body)
+    values = out["values"]
+    return NpActivationNewOut(tokens=out["tokens"], values=values, maxValue=out["max_value"],
+                              maxValueTokenIndex=out["max_index"], minValue=min(values))
 
 
 def _trial(ids: list[int], values: np.ndarray, vocab: queries.Vocab, bos_first: bool

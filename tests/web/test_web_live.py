@@ -177,6 +177,18 @@ def test_activations_match_brute_force(client, world):
     assert "results" not in one
 
 
+def test_neuronpedia_activation_new_gives_the_same_values(client, world):
+    text = "class A(object):\n    pass"
+    ours = _post(client, "/api/v1/activations",
+                 {"model": world.lm.slug, "source": "1-mlp", "index": 9, "text": text})
+    theirs = _post(client, "/api/activation/new", {
+        "feature": {"modelId": world.lm.slug, "source": "1-mlp", "index": "9"},
+        "customText": text})
+    assert theirs == {"tokens": ours["tokens"], "values": ours["values"],
+                      "maxValue": ours["max_value"], "maxValueTokenIndex": ours["max_index"],
+                      "minValue": min(ours["values"])}
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"text": "a"}, 404, "no source"),
     ({"text": "hi", "tokens": [1]}, 422, "exactly one"),
