@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per shard (the unit of checkpoint and resume)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     h.add_argument("--no-compile", action="store_true",
-                   help="run the per-batch reductions eagerly instead of fused by torch.compile")
+                   help="run the per-batch reductions in eager torch instead of fused (a C loop "
+                   "on the CPU, torch.compile on a GPU)")
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
     h.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",

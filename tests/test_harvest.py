@@ -146,6 +146,21 @@ def test_the_gpu_path_without_host_syncs_gives_the_same_state(setup):
     assert_states_equal(sync_free, pooled)
 
 
+def test_the_native_cpu_path_gives_the_same_state(setup):
+    """compile=True on the CPU reduces and ranks with the C loops of workers/native.py: the same
+    state as eager torch (which the tests above check against brute force)."""
+    from workers import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler")
+    lm, ds, specs = setup
+    eager, _ = harvest(lm, ds, specs, compile=False)
+    fused, cfg = harvest(lm, ds, specs, compile=True)
+    h = Harvester(lm, ds.tokens, specs, cfg, bos_first=True)
+    assert h.native
+    assert_states_equal(fused, eager)
+
+
 def test_interrupted_run_resumes_to_the_same_result(setup, tmp_path):
     lm, ds, specs = setup
     cfg = HarvestConfig(**CFG)

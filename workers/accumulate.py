@@ -46,6 +46,7 @@ class Accumulator:
         device: torch.device | str = "cpu",
         reduce_fn: ReduceFn = batch_reduce,
         sync_free: bool = False,
+        native: bool = False,
     ):
         self.n_features = n_features
         self.window = window
@@ -59,6 +60,8 @@ class Accumulator:
             stats=Stats.empty(n_features, device),
         )
         self.sync_free = sync_free
+        self.native = native and not sync_free and torch.device(device).type == "cpu"
+        """Insert candidates with the C loop of workers/native.py instead of Ranked.offer."""
         if sync_free:
             for ranking in self.state.rankings().values():
                 ranking.windows = torch.zeros(ranking.size, n_features, window,
@@ -91,8 +94,26 @@ class Accumulator:
             return Ranked(score=score, seq=torch.where(ok, seq, EMPTY_SEQ), pos=pos.int(),
                           value=value, slot=torch.full_like(seq, -1))
 
-        admit = self._admit_all if self.sync_free else self._admit
         fired = mx > 0
+        if self.native and acts.dtype == torch.float32:
+            offers = [(self.state.top, torch.where(fired, mx, neg_inf), amx, mx)]
+            if self.state.bottom is not None:
+                offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
+            keys = sample_keys(seq[:, 0], f, self.seed)
+            offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
+            # Early in a pass most candidates enter: then one copy of the batch laid out
+            # [batch, F, seq] makes every window a contiguous read instead of `window` strided
+            # ones (the copy pays for itself from about one window per 8 values).
+            entering = sum(int((s > r.score[-1]).sum()) for r, s, _, _ in offers)
+            src = acts
+            if entering * self.window * 8 > acts.numel():
+                src = acts.transpose(1, 2).contiguous().transpose(1, 2)
+            for ranking, score, pos, value in offers:
+                self._admit_native(ranking, score, pos, value, src, seq0)
+            if self._pool_size > 4 * self._live_slots + 65536:
+                self._compact()
+            return
+        admit = self._admit_all if self.sync_free else self._admit
         admit(self.state.top, candidates(torch.where(fired, mx, neg_inf), amx, mx), acts, seq0)
         if self.state.bottom is not None:
             below = mn < 0
@@ -114,6 +135,16 @@ class Accumulator:
         merged = ranking.merge(cand)
         ranking.score, ranking.seq, ranking.pos, ranking.value, ranking.windows = (
             merged.score, merged.seq, merged.pos, merged.value, merged.windows)
+
+    def _admit_native(self, ranking: Ranked, score: Tensor, pos: Tensor, value: Tensor,
+                      acts: Tensor, seq0: int) -> None:
+        from workers.native import native_offer
+
+        *_, windows = native_offer(ranking, score, pos, value, seq0, self._pool_size, acts,
+                                   self.window)
+        if windows.shape[0]:
+            self._chunks.append(windows)
+            self._pool_size += windows.shape[0]
 
     def _admit(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
         new = ranking.offer(cand)

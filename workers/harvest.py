@@ -42,7 +42,8 @@ class HarvestConfig:
     seed: int = 0
     """Seed of the priority-sampling keys."""
     compile: bool = False
-    """Fuse the per-batch reductions with torch.compile (pays off on long CPU runs)."""
+    """Fuse the per-batch reductions: a native C loop for float32 on the CPU (workers/native.py),
+    torch.compile elsewhere; False runs them in eager torch."""
     sync_free: bool | None = None
     """Keep the batch loop free of host synchronisations (cut every candidate's window and
     re-sort whole rankings on the device). None: on CUDA devices only."""
@@ -130,6 +131,25 @@ def compiled_reduce() -> Callable[[Tensor, int], tuple[Tensor, ...]]:
     return reduce
 
 
+def fast_reduce(device: torch.device | str) -> Callable[[Tensor, int], tuple[Tensor, ...]]:
+    """The fastest exact batch_reduce for a device: the native C loop for float32 CPU tensors
+    where a C compiler builds it, else batch_reduce fused by torch.compile."""
+    compiled = compiled_reduce()
+    if torch.device(device).type != "cpu":
+        return compiled
+    from workers import native
+
+    if native.load() is None:
+        return compiled
+
+    def reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
+        if acts.dtype == torch.float32 and acts.device.type == "cpu":
+            return native.native_reduce(acts, first)
+        return compiled(acts, first)
+
+    return reduce
+
+
 class Harvester:
     """Runs shards of a tokenized dataset through a model and accumulates every source."""
 
@@ -151,7 +171,12 @@ class Harvester:
         self.sync_free = cfg.sync_free if cfg.sync_free is not None else device.type == "cuda"
         if device.type == "cuda":
             self.tokens = tokens.pin_memory()
-        self.reduce_fn = compiled_reduce() if cfg.compile else batch_reduce
+        self.reduce_fn = fast_reduce(device) if cfg.compile else batch_reduce
+        self.native = False
+        if cfg.compile and device.type == "cpu":
+            from workers import native
+
+            self.native = native.load() is not None
 
     @property
     def n_shards(self) -> int:
@@ -169,7 +194,8 @@ class Harvester:
             s.slug: Accumulator(
                 s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
                 window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
-                device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free)
+                device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free,
+                native=self.native)
             for s in self.sources
         }
         by_hook: dict[str, list[SourceSpec]] = {}

@@ -137,8 +137,11 @@ class Ranked:
         if cols.numel() == 0:
             return new
         mine, theirs = self._columns(cols), cand._columns(cols)
-        rows = _best_rows(torch.cat([mine.score, theirs.score]),
-                          torch.cat([mine.seq, theirs.seq]), size)
+        # Every candidate's sequence comes after every entry's, and both sides are already in
+        # (score desc, seq asc) order among equal scores, so one stable sort by score gives
+        # the (score desc, seq asc) order that _best_rows computes with two.
+        rows = torch.argsort(torch.cat([mine.score, theirs.score]), dim=0, descending=True,
+                             stable=True)[:size]
         merged = mine._take(theirs, rows)
         for name in _FIELDS:
             getattr(self, name)[:, cols] = getattr(merged, name)
