@@ -128,8 +128,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.state.live = live
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # `live` first: its /search and /tokens pages come before the /{model} page.
-    for module in (docs, api, neuronpedia, live_routes, models, sources, features):
+    # Fixed paths (/docs, /api/..., /search, /tokens) before the /{model}/... patterns.
+    for module in (docs, api, neuronpedia, live_routes, features, models, sources):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app
