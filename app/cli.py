@@ -60,6 +60,7 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     from workers import store
     from workers.corpus import load_dataset
     from workers.harvest import (
+        DTYPES,
         Checkpoint,
         HarvestConfig,
         Harvester,
@@ -70,10 +71,11 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
     from workers.plan import HarvestPlan
 
     device = _device(args.device)
-    lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
+    lm = load_model(args.model, device=device, dtype=DTYPES[args.dtype],
+                    cache_dir=settings.cache_dir)
     layers = [] if args.layers == "none" else parse_layers(args.layers, lm.n_layers)
     cfg = HarvestConfig(top_k=args.top_k, batch_size=8, shard_sequences=args.shard_sequences,
-                        window=args.window, compile=not args.no_compile)
+                        window=args.window, compile=not args.no_compile, dtype=args.dtype)
     plan = HarvestPlan(model=args.model, layers=layers, saes=args.sae, cfg=cfg, device=device,
                        cache_dir=str(settings.cache_dir))
     engine = make_engine(args.db or settings.db_url)
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--shard-sequences", type=int, default=256,
                    help="sequences per shard (the unit of checkpoint and resume)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="run the model (and keep its activations) in this dtype; "
+                   "bfloat16 halves memory and time on GPUs")
     h.add_argument("--no-compile", action="store_true",
                    help="run the per-batch reductions in eager torch instead of fused (a C loop "
                    "on the CPU, torch.compile on a GPU)")

@@ -216,3 +216,49 @@ def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_d
         err = capsys.readouterr().err
     assert code == 2
     assert message in err
+
+
+def test_bfloat16_harvest_records_its_dtype_and_live_runs_in_it(tmp_path, monkeypatch,
+                                                                tiny_llama_dir):
+    """--dtype bfloat16: the model runs in bfloat16, so every stored peak is a bfloat16 value;
+    the source records the dtype, and `serve --live` loads the model in it, so its values for
+    a stored example are the stored ones."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.db.engine import make_engine
+    from app.live import start_live
+    from app.main import create_app
+
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
+    db = tmp_path / "bf16.db"
+    assert main(["harvest", "--model", str(tiny_llama_dir), "--dataset", "pydoc",
+                 "--max-tokens", str(24 * 32), "--seq-len", "32", "--layers", "1",
+                 "--dtype", "bfloat16", "--no-compile", "--db", f"sqlite:///{db}", "-q"]) == 0
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{db}")
+    engine = make_engine(settings.db_url)
+    with engine.connect() as conn:
+        cfg = conn.execute(text("SELECT harvest_config FROM sources")).scalar()
+        peaks = torch.tensor(conn.execute(text(
+            "SELECT peak_value FROM examples")).scalars().all())
+        maxes = torch.tensor(conn.execute(text("SELECT max_act FROM features")).scalars().all())
+        seqs = conn.execute(text("SELECT tokens FROM sequences ORDER BY idx")).scalars().all()
+    assert '"dtype": "bfloat16"' in cfg or '"dtype":"bfloat16"' in cfg
+    assert peaks.numel() > 0
+    assert torch.equal(peaks, peaks.bfloat16().float())
+    assert torch.equal(maxes, maxes.bfloat16().float())
+
+    live = start_live(engine, settings)
+    lm = next(iter(live.models.models.values())).lm
+    assert lm.dtype == torch.bfloat16
+    with TestClient(create_app(settings, engine=engine, live=live)) as client:
+        page = client.get(f"/{lm.slug}/1-mlp/5.json").json()
+        ex = page["top"][0]
+        prefix = np.frombuffer(seqs[ex["seq_idx"]], dtype="<i4")[:ex["start"] + len(ex["acts"])]
+        out = client.post("/api/v1/activations", json={
+            "model": lm.slug, "source": "1-mlp", "index": 5,
+            "tokens": prefix.tolist()}).json()
+        got = np.asarray(out["values"][ex["start"]:], dtype=np.float32)
+        np.testing.assert_allclose(got, np.asarray(ex["acts"], dtype=np.float32), rtol=2**-6,
+                                   atol=1e-3)
+    engine.dispose()

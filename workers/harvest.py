@@ -24,6 +24,9 @@ from workers.state import SourceState, batch_reduce
 log = logging.getLogger(__name__)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class HarvestConfig:
     """How a harvest runs. Saved with every source it fills."""
@@ -44,11 +47,16 @@ class HarvestConfig:
     compile: bool = False
     """Fuse the per-batch reductions: a native C loop for float32 on the CPU (workers/native.py),
     torch.compile elsewhere; False runs them in eager torch."""
+    dtype: str = "float32"
+    """The model's dtype while harvesting (float32, bfloat16, float16): activations come in
+    it; reductions accumulate in float32 and float64 whatever it is."""
     sync_free: bool | None = None
     """Keep the batch loop free of host synchronisations (cut every candidate's window and
     re-sort whole rankings on the device). None: on CUDA devices only."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("top_k", "n_ranges", "per_range", "window", "batch_size", "shard_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 from app.db.engine import transaction
 from app.db.tables import Model, Source, SourceStatus
 from workers.corpus import _encode, tokenizer_hash
+from workers.harvest import DTYPES
 from workers.models import DEFAULT_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class LiveModels:
             rows = session.execute(
                 select(Model.slug, Model.hub_id, Model.revision, Model.tokenizer_hash,
                        Source.slug, Source.kind, Source.hook_name, Source.n_features,
-                       Source.sae_config)
+                       Source.sae_config, Source.harvest_config)
                 .join(Source, Source.model_id == Model.id)
                 .where(Source.status == SourceStatus.ready)
                 .order_by(Model.slug, Source.layer, Source.slug)).all()
@@ -126,9 +127,14 @@ class LiveModels:
         models = {}
         for slug, srcs in grouped.items():
             _, hub_id, revision, thash = srcs[0][:4]
+            # the dtype it was harvested in, so that live values are the stored ones
+            dtypes = sorted({(r.harvest_config or {}).get("dtype", "float32") for r in srcs})
+            if len(dtypes) > 1:
+                log.warning("live: %s was harvested in %s; running it in %s", slug,
+                            " and ".join(dtypes), dtypes[0])
             try:
                 lm = load_model(model_spec(slug, hub_id, revision), device=device,
-                                cache_dir=cache_dir)
+                                dtype=DTYPES[dtypes[0]], cache_dir=cache_dir)
             except Exception as exc:  # noqa: BLE001 - one model that will not load spares the rest
                 log.warning("live: %s is not served live: %s", slug, exc)
                 continue
@@ -137,7 +143,7 @@ class LiveModels:
                             "harvested with; not served live", slug, hub_id)
                 continue
             sources = {}
-            for *_, s_slug, kind, hook, n_features, sae_config in srcs:
+            for *_, s_slug, kind, hook, n_features, sae_config, _cfg in srcs:
                 try:
                     sources[s_slug] = _live_source(lm, s_slug, kind, hook, n_features,
                                                    sae_config, device)

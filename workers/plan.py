@@ -25,9 +25,10 @@ class HarvestPlan:
 
     def build(self):
         """(LoadedModel, [SourceSpec]) on this process's device."""
+        from workers.harvest import DTYPES
         from workers.models import load_model
 
-        lm = load_model(self.model, device=self.device,
+        lm = load_model(self.model, device=self.device, dtype=DTYPES[self.cfg.dtype],
                         cache_dir=Path(self.cache_dir) if self.cache_dir else None)
         return lm, self.sources(lm)
 
