@@ -5,6 +5,7 @@ token; the 413 and 503 limits; the pages, in a real browser."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import CHROMIUM, random_sae, serve_in_thread
+from support import CHROMIUM, fresh_pg_url, postgres_available, random_sae, serve_in_thread
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
@@ -37,7 +38,7 @@ SAE_HOOK = "blocks.1.hook_resid_post"
 class World:
     """A tiny Llama harvested (neurons of layers 0 and 1, and an SAE) into a SQLite file."""
 
-    def __init__(self, model_dir, tmp):
+    def __init__(self, model_dir, tmp, url: str):
         self.lm = load_model(str(model_dir))
         sae = random_sae("topk", d_in=self.lm.d_model, d_sae=48, hook=SAE_HOOK, seed=3)
         self.sae_dir = save_sae(sae, tmp / "sae")
@@ -49,7 +50,7 @@ class World:
         self.specs = neuron_sources(self.lm, [0, 1]) + sae_sources(self.lm, [str(self.sae_dir)])
         states = run_harvest(Harvester(self.lm, self.ds.tokens, self.specs, self.cfg,
                                        bos_first=True))
-        self.url = f"sqlite:///{tmp / 'live.db'}"
+        self.url = url
         self.engine = make_engine(self.url)
         upgrade(self.engine)
         reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
@@ -73,9 +74,19 @@ class World:
         return out
 
 
-@pytest.fixture(scope="module")
-def world(tiny_llama_dir, tmp_path_factory) -> World:
-    return World(tiny_llama_dir, tmp_path_factory.mktemp("live"))
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def world(request, tiny_llama_dir, tmp_path_factory) -> World:
+    """The world in a SQLite file, and in a fresh PostgreSQL database."""
+    tmp = tmp_path_factory.mktemp("live")
+    if request.param == "sqlite":
+        return World(tiny_llama_dir, tmp, f"sqlite:///{tmp / 'live.db'}")
+    reason = postgres_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI requires PostgreSQL)")
+        pytest.skip(reason)
+    return World(tiny_llama_dir, tmp, fresh_pg_url("fs_test_live"))
 
 
 @pytest.fixture(scope="module")
