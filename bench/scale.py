@@ -125,9 +125,9 @@ def serve_latency(url: str, model: str, n: int, seconds: float, serve_bench) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
-                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -140,8 +140,14 @@ def serve_latency(url: str, model: str, n: int, seconds: float, serve_bench) -> 
                 time.sleep(0.2)
         rng = random.Random(0)
         page = lambda: f"/{model}/0-big/{rng.randrange(n)}"  # noqa: E731
-        html = serve_bench.load(port, page, seconds, 32, server.pid)
-        js = serve_bench.load(port, lambda: page() + ".json", seconds, 32, server.pid)
+        try:
+            html = serve_bench.load(port, page, seconds, 32, server.pid)
+            js = serve_bench.load(port, lambda: page() + ".json", seconds, 32, server.pid)
+        except SystemExit:
+            log.seek(0)
+            print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
+                  file=sys.stderr)
+            raise
     finally:
         server.terminate()
         server.wait(timeout=15)

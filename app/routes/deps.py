@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
@@ -17,18 +16,16 @@ MAX_INDEX = 2**31 - 1
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
-    """One session per request, used by the sync views in the threadpool. Opening it does no
-    I/O, so it happens here without a trip through the threadpool; closing it gives its
-    connection back to the pool, which for PostgreSQL is a round trip (a rollback) and goes
-    to a worker thread, and for SQLite is a memory operation done here."""
+    """One session per request, used by the views. Opening it does no I/O. Closing it gives its
+    connection back to the pool at once, on the event loop: for SQLite a memory operation, for
+    PostgreSQL one short round trip (the rollback of the read transaction). Sending the close to
+    a worker thread instead would queue it behind other requests' views, and under many
+    concurrent requests the finished ones would hold every connection of the pool."""
     session = Session(request.app.state.engine)
     try:
         yield session
     finally:
-        if request.app.state.engine.dialect.name == "sqlite" or not session.in_transaction():
-            session.close()
-        else:
-            await run_in_threadpool(session.close)
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -49,3 +49,28 @@ def test_json_pages_on_postgres(db_url, write_db, client):
         assert pg.get(f"/{db.llama}/1-mlp/3.json",
                       headers={"If-None-Match": r.headers["etag"]}).status_code == 304
     db.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_many_concurrent_requests_share_a_small_pool(db_url, write_db):
+    """48 requests at once (pages and JSON) over a pool of 2 PostgreSQL connections: every one
+    is answered, none waits out the pool's timeout (a session gives its connection back as
+    soon as its view is done, not when a worker thread gets round to closing it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from support import serve_in_thread
+
+    from app.db.engine import make_engine
+
+    db = write_db(db_url, slice(0, 1))
+    engine = make_engine(db_url, pool_size=2, max_overflow=0, pool_timeout=5)
+    app = create_app(Settings(database_url=db_url), engine=engine)
+    urls = [f"/{db.llama}/1-mlp/{i % 40}" + (".json" if i % 2 else "") for i in range(48)]
+    with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        with ThreadPoolExecutor(max_workers=48) as pool:
+            codes = list(pool.map(lambda u: http.get(u).status_code, urls))
+    assert codes == [200] * len(urls)
+    engine.dispose()
+    db.engine.dispose()
