@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sqlalchemy import Engine, delete, insert, select, update
 
-from app.db.bulk import bulk_insert
+from app.db.bulk import bulk_insert, copy_columns
 from app.db.engine import transaction
 from app.db.tables import (
     Dataset,
@@ -197,22 +197,24 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
 
 
-def _example_rows(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
-                  seq_len: int, window: int) -> list[tuple]:
-    """rows: [n, F] indices into the ranking (-1 = none), in rank order."""
+def _example_columns(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
+                     seq_len: int, window: int) -> list[np.ndarray]:
+    """The example rows of one group, one array per column of EXAMPLE_COLUMNS, typed as the
+    columns are (int32 integer, int16 smallint, float64 double, float16 LE bytes for acts).
+    rows: [n, F] indices into the ranking (-1 = none), in rank order."""
     f_idx = torch.arange(rows.shape[1])[None, :].expand_as(rows)
     ok = rows >= 0
     r, fs = rows[ok], f_idx[ok]
     rank = (ok.cumsum(0) - 1)[ok]
-    seq = ranking.seq[r, fs]
     pos = ranking.pos[r, fs].long()
-    start = window_start(pos, seq_len, window)
-    value = ranking.value[r, fs]
-    acts = ranking.windows[r, fs].numpy().astype("<f2")
+    n = fs.numel()
     return [
-        (source_id, f, group, k, s, st, p, v, a.tobytes())
-        for f, k, s, st, p, v, a in zip(fs.tolist(), rank.tolist(), seq.tolist(), start.tolist(),
-                                         pos.tolist(), value.tolist(), acts, strict=True)
+        np.full(n, source_id, dtype=np.int32), fs.numpy().astype(np.int32),
+        np.full(n, group, dtype=np.int16), rank.numpy().astype(np.int16),
+        ranking.seq[r, fs].numpy().astype(np.int32),
+        window_start(pos, seq_len, window).numpy().astype(np.int16),
+        pos.numpy().astype(np.int16), ranking.value[r, fs].double().numpy(),
+        ranking.windows[r, fs].numpy().astype("<f2"),
     ]
 
 
@@ -263,8 +265,8 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
             for code, ranking, rows in groups:
                 rows = torch.where(torch.isfinite(ranking.score.gather(0, rows.clamp(min=0))),
                                    rows, torch.tensor(-1))
-                bulk_insert(session, Example.__table__, EXAMPLE_COLUMNS,
-                            _example_rows(sid, int(code), ranking, rows, seq_len, window))
+                copy_columns(session, Example.__table__, EXAMPLE_COLUMNS,
+                             _example_columns(sid, int(code), ranking, rows, seq_len, window))
 
             finished = utcnow()
             version = hashlib.sha256(json.dumps(
