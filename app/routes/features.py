@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -37,17 +38,6 @@ def example_out(row: Row, vocab: queries.Vocab) -> dict:
             "tokens": vocab.many(ids), "acts": queries.decode_acts(blob, n)}
 
 
-def _quantiles(groups: dict[int, list[dict]]) -> list[dict]:
-    """QuantileGroups, the highest range first, each with its examples highest first."""
-    out = []
-    for code in sorted(groups, reverse=True):
-        exs = sorted(groups[code], key=lambda e: -e["peak_value"])
-        peaks = [e["peak_value"] for e in exs]
-        out.append({"group": code - ExampleGroup.quantile, "name": ExampleGroup.name_of(code),
-                    "lo": min(peaks), "hi": max(peaks), "examples": exs})
-    return out
-
-
 def _missing(src: Row, index: int) -> Exception:
     name = f"{src.model_slug}/{src.slug}"
     if src.status == "building":
@@ -58,45 +48,67 @@ def _missing(src: Row, index: int) -> Exception:
     return not_found(f"{name} has no feature {index}: it has features 0 to {src.n_features - 1}")
 
 
-def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int
-                  ) -> FeaturePage:
+def _read_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int,
+                  make: Callable[[Row, queries.Vocab], object]) -> tuple:
+    """(row, vocab, top, bottom, groups): the feature's row and vocabulary, its top and bottom
+    examples made by make(example row, vocab) in rank order, and its quantile groups, the
+    highest range first, as (group code, [(peak value, example), ...] highest first)."""
     row = queries.feature(session, source_id=src.id, index=index)
     if row is None:
         raise _missing(src, index)
     vocab = vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
     top, bottom, quantiles = [], [], {}
     for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index):
-        ex = example_out(e, vocab)
+        ex = make(e, vocab)
         if e.group == ExampleGroup.top:
             top.append(ex)
         elif e.group == ExampleGroup.bottom:
             bottom.append(ex)
         else:
-            quantiles.setdefault(e.group, []).append(ex)
+            quantiles.setdefault(e.group, []).append((e.peak_value, ex))
+    groups = [(code, sorted(quantiles[code], key=lambda pe: -pe[0]))
+              for code in sorted(quantiles, reverse=True)]
+    return row, vocab, top, bottom, groups
+
+
+def _head(src: Row, index: int, row: Row, texts, num: Callable[[float], object]) -> dict:
+    """The fields of a feature page before its examples; num writes each float statistic."""
+    return {
+        "ok": True, "model": src.model_slug, "source": src.slug, "kind": src.kind,
+        "hook_name": src.hook_name, "layer": src.layer, "n_features": src.n_features,
+        "dataset": src.dataset_slug, "bos_first": src.bos_policy == "bos-prepended",
+        "index": index,
+        "stats": {"max_act": num(row.max_act), "min_act": num(row.min_act),
+                  "mean_act": num(row.mean_act), "std_act": num(row.std_act),
+                  "frac_active": num(row.frac_active), "n_active": row.n_active,
+                  "n_tokens": row.n_tokens},
+        "histogram": {"edges": _EDGES, "counts": row.histogram},
+        "top_logits": _token_values(row.top_logits, texts, num),
+        "bottom_logits": _token_values(row.bottom_logits, texts, num),
+        "top_tokens": [{"id": t, "text": x, "count": c} for (t, c), x in zip(
+            row.top_tokens, texts([t for t, _ in row.top_tokens]), strict=True)]}
+
+
+def _links(src: Row, index: int) -> dict:
     m, s = src.model_slug, src.slug
     url = urls.feature(m, s, index)
-    texts = vocab.many
-    # One validation of the whole context (pydantic-core builds the nested models).
-    return FeaturePage.model_validate({
-        "model": m, "source": s, "kind": src.kind, "hook_name": src.hook_name,
-        "layer": src.layer, "n_features": src.n_features, "dataset": src.dataset_slug,
-        "bos_first": src.bos_policy == "bos-prepended", "index": index,
-        "stats": {"max_act": row.max_act, "min_act": row.min_act, "mean_act": row.mean_act,
-                  "std_act": row.std_act, "frac_active": row.frac_active,
-                  "n_active": row.n_active, "n_tokens": row.n_tokens},
-        "histogram": {"edges": _EDGES, "counts": row.histogram},
-        "top_logits": _token_values(row.top_logits, texts),
-        "bottom_logits": _token_values(row.bottom_logits, texts),
-        "top_tokens": [{"id": t, "text": x, "count": c} for (t, c), x in zip(
-            row.top_tokens, texts([t for t, _ in row.top_tokens]), strict=True)],
-        "top": top, "bottom": bottom, "quantiles": _quantiles(quantiles),
-        "links": {
-            "page": url, "json_url": urls.json(url), "source": urls.source(m, s),
+    return {"page": url, "json_url": urls.json(url), "source": urls.source(m, s),
             "prev": urls.feature(m, s, index - 1) if index > 0 else None,
             "next": urls.feature(m, s, index + 1) if index + 1 < src.n_features else None,
             "random": urls.random_feature(m, s),
-            "neuronpedia": urls.neuronpedia_feature(m, s, index)},
-    })
+            "neuronpedia": urls.neuronpedia_feature(m, s, index)}
+
+
+def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int
+                  ) -> FeaturePage:
+    row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, example_out)
+    quantiles = [{"group": code - ExampleGroup.quantile, "name": ExampleGroup.name_of(code),
+                  "lo": min(p for p, _ in exs), "hi": max(p for p, _ in exs),
+                  "examples": [ex for _, ex in exs]} for code, exs in groups]
+    # One validation of the whole context (pydantic-core builds the nested models).
+    return FeaturePage.model_validate({
+        **_head(src, index, row, vocab.many, float), "top": top, "bottom": bottom,
+        "quantiles": quantiles, "links": _links(src, index)})
 
 
 # ------------------------------------------------------------------ the JSON, written directly
@@ -135,49 +147,15 @@ def _example_json(row: Row, vocab: queries.Vocab) -> bytes:
 
 def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: int) -> bytes:
     """The JSON of a feature page (a FeaturePage), as UTF-8 bytes."""
-    row = queries.feature(session, source_id=src.id, index=index)
-    if row is None:
-        raise _missing(src, index)
-    vocab = vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
-    top, bottom, quantiles = [], [], {}
-    for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index):
-        if e.group == ExampleGroup.top:
-            top.append(_example_json(e, vocab))
-        elif e.group == ExampleGroup.bottom:
-            bottom.append(_example_json(e, vocab))
-        else:
-            quantiles.setdefault(e.group, []).append((e.peak_value, _example_json(e, vocab)))
-    groups = []
-    for code in sorted(quantiles, reverse=True):
-        exs = sorted(quantiles[code], key=lambda pe: -pe[0])
-        peaks = [p for p, _ in exs]
-        groups.append(b'{"group":%d,"name":%b,"lo":%b,"hi":%b,"examples":[%b]}' % (
-            code - ExampleGroup.quantile, _dumps(ExampleGroup.name_of(code)), _num(min(peaks)),
-            _num(max(peaks)), b",".join(t for _, t in exs)))
-    m, s = src.model_slug, src.slug
-    url = urls.feature(m, s, index)
-    texts = vocab.many
-    head = _dumps({
-        "ok": True, "model": m, "source": s, "kind": src.kind, "hook_name": src.hook_name,
-        "layer": src.layer, "n_features": src.n_features, "dataset": src.dataset_slug,
-        "bos_first": src.bos_policy == "bos-prepended", "index": index,
-        "stats": {"max_act": _finite(row.max_act), "min_act": _finite(row.min_act),
-                  "mean_act": _finite(row.mean_act), "std_act": _finite(row.std_act),
-                  "frac_active": _finite(row.frac_active), "n_active": row.n_active,
-                  "n_tokens": row.n_tokens},
-        "histogram": {"edges": _EDGES, "counts": row.histogram},
-        "top_logits": _token_values(row.top_logits, texts, _finite),
-        "bottom_logits": _token_values(row.bottom_logits, texts, _finite),
-        "top_tokens": [{"id": t, "text": x, "count": c} for (t, c), x in zip(
-            row.top_tokens, texts([t for t, _ in row.top_tokens]), strict=True)]})
-    links = _dumps({
-        "page": url, "json_url": urls.json(url), "source": urls.source(m, s),
-        "prev": urls.feature(m, s, index - 1) if index > 0 else None,
-        "next": urls.feature(m, s, index + 1) if index + 1 < src.n_features else None,
-        "random": urls.random_feature(m, s),
-        "neuronpedia": urls.neuronpedia_feature(m, s, index)})
+    row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, _example_json)
+    quantiles = [b'{"group":%d,"name":%b,"lo":%b,"hi":%b,"examples":[%b]}' % (
+        code - ExampleGroup.quantile, _dumps(ExampleGroup.name_of(code)),
+        _num(min(p for p, _ in exs)), _num(max(p for p, _ in exs)),
+        b",".join(t for _, t in exs)) for code, exs in groups]
+    head = _dumps(_head(src, index, row, vocab.many, _finite))
     return b"".join((head[:-1], b',"top":[', b",".join(top), b'],"bottom":[', b",".join(bottom),
-                     b'],"quantiles":[', b",".join(groups), b'],"links":', links, b"}"))
+                     b'],"quantiles":[', b",".join(quantiles), b'],"links":',
+                     _dumps(_links(src, index)), b"}"))
 
 
 def _token_values(pairs: list, texts, value=float) -> list[dict]:
