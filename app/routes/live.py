@@ -372,10 +372,11 @@ async def search_page(request: Request, session: SessionDep,
                       top: Annotated[int, Query(ge=1, le=200)] = 20):
     wanted = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
     as_json = wants_json(request)
-    if as_json and (not model or not text.strip()):
+    asked = bool(model) and bool(text.strip())
+    if as_json and not asked:
         raise _bad("give model and text, e.g. /search.json?model=M&text=...")
     result, error, status = None, None, 200
-    if model and text.strip():
+    if asked:
         try:
             result = await run_search(request, session, SearchIn(
                 model=model, text=text, sources=wanted, top=top))
@@ -445,10 +446,11 @@ def tokens_page(request: Request, session: SessionDep,
                 id: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,  # noqa: A002
                 limit: Annotated[int, Query(ge=1, le=500)] = 50):
     as_json = wants_json(request)
-    if as_json and (not model or (token is None and id is None)):
+    asked = bool(model) and (bool(token) or id is not None)
+    if as_json and not asked:
         raise _bad("give model and token (its text) or id, e.g. /tokens.json?model=M&token=the")
     result, error, status = None, None, 200
-    if model and (token or id is not None):
+    if asked:
         try:
             result = token_search(session, request.app.state.vocabs, model, token, id, limit)
         except HTTPException as exc:

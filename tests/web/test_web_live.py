@@ -363,6 +363,7 @@ def test_token_search_by_text_finds_the_spaced_token_too(client, world):
     assert page.status_code == 200 and f"#{spaced}" in page.text
     assert client.get("/tokens.json?model=nope&token=a").status_code == 404
     assert client.get(f"/tokens.json?model={world.lm.slug}").status_code == 422
+    assert client.get(f"/tokens.json?model={world.lm.slug}&token=").status_code == 422
 
 
 def test_peak_tokens_are_filled_by_the_migration_for_older_databases(world):
