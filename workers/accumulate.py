@@ -94,34 +94,27 @@ class Accumulator:
             return Ranked(score=score, seq=torch.where(ok, seq, EMPTY_SEQ), pos=pos.int(),
                           value=value, slot=torch.full_like(seq, -1))
 
+        # Each ranking's candidates: (ranking, score (-inf: not a candidate), position, value).
         fired = mx > 0
+        offers = [(self.state.top, torch.where(fired, mx, neg_inf), amx, mx)]
+        if self.state.bottom is not None:
+            offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
+        keys = sample_keys(seq[:, 0], f, self.seed)
+        offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
         if self.native and acts.dtype == torch.float32:
-            offers = [(self.state.top, torch.where(fired, mx, neg_inf), amx, mx)]
-            if self.state.bottom is not None:
-                offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
-            keys = sample_keys(seq[:, 0], f, self.seed)
-            offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
             # Early in a pass most candidates enter: then one copy of the batch laid out
             # [batch, F, seq] makes every window a contiguous read instead of `window` strided
             # ones (the copy pays for itself from about one window per 8 values).
-            entering = sum(int((s > r.score[-1]).sum()) for r, s, _, _ in offers)
+            entering = sum(int((score > r.score[-1]).sum()) for r, score, _, _ in offers)
             src = acts
             if entering * self.window * 8 > acts.numel():
                 src = acts.transpose(1, 2).contiguous().transpose(1, 2)
             for ranking, score, pos, value in offers:
                 self._admit_native(ranking, score, pos, value, src, seq0)
-            if self._pool_size > 4 * self._live_slots + 65536:
-                self._compact()
-            return
-        admit = self._admit_all if self.sync_free else self._admit
-        admit(self.state.top, candidates(torch.where(fired, mx, neg_inf), amx, mx), acts, seq0)
-        if self.state.bottom is not None:
-            below = mn < 0
-            admit(self.state.bottom, candidates(torch.where(below, -mn, neg_inf), amn, mn),
-                  acts, seq0)
-        keys = sample_keys(seq[:, 0], f, self.seed)
-        admit(self.state.sample, candidates(torch.where(fired, keys, neg_inf), amx, mx),
-              acts, seq0)
+        else:
+            admit = self._admit_all if self.sync_free else self._admit
+            for ranking, score, pos, value in offers:
+                admit(ranking, candidates(score, pos, value), acts, seq0)
         if self._pool_size > 4 * self._live_slots + 65536:
             self._compact()
 
