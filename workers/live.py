@@ -90,12 +90,6 @@ class LiveModel:
             self.lm.run_with_hooks(input_ids, list(by_hook), take)
         return out
 
-    def forward(self, ids: list[int]) -> None:
-        """The model's bare forward pass over ids (what live answers are compared against)."""
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
-        with torch.inference_mode():
-            self.lm.hf_model(input_ids=input_ids, use_cache=False)
-
 
 @dataclass
 class LiveModels:
