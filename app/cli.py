@@ -45,11 +45,9 @@ def _positive_int(text: str, flag: str) -> int:
 
 
 def _device(name: str) -> str:
-    import torch
+    from workers.models import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve_device(name)
 
 
 def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:

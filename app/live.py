@@ -88,12 +88,9 @@ class LiveService:
 def start_live(engine, settings: Settings) -> LiveService:
     """Load every model that has ready sources, with those sources (imports torch)."""
     from workers.live import LiveModels
+    from workers.models import resolve_device
 
-    device = settings.live_device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(settings.live_device)
     t0 = time.perf_counter()
     models = LiveModels.load(engine, device=device, cache_dir=settings.cache_dir)
     log.info("live inference: %d models loaded in %.1f s", len(models.models),

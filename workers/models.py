@@ -310,6 +310,13 @@ def prepare_default_model(cache_dir: Path | None = None) -> Path:
     return _cache_gguf(_default_gguf(), cache_dir / "models" / DEFAULT_MODEL)
 
 
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as it is."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                cache_dir: Path | None = None) -> LoadedModel:
     """Load a causal LM from the built-in slug, a local HF folder, a .gguf file or a hub id.
