@@ -142,14 +142,14 @@ def main() -> None:
         t_write = time.perf_counter() - t0
         engine.dispose()
         con = sqlite3.connect(path)
-        n_ex = con.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        n_ex = con.execute("SELECT SUM(n) FROM example_blocks").fetchone()[0] or 0
         con.close()
         f_bytes = sqlite_bytes(path, "features") / n_features
-        e_bytes = sqlite_bytes(path, "examples") / max(n_ex, 1)
+        e_bytes = sqlite_bytes(path, "example_blocks") / max(n_ex, 1)
         print(f"write to SQLite   {t_write:8.2f} s   {n_features / t_write:9.0f} features/s")
         print(f"on disk           {f_bytes + e_bytes * n_ex / n_features:8.0f} B per feature "
               f"({f_bytes:.0f} B feature row + {n_ex / n_features:.1f} examples x "
-              f"{e_bytes:.0f} B; windows of {harvester.window} tokens; indexes included)")
+              f"{e_bytes:.0f} B, blocks included; windows of {harvester.window} tokens; indexes included)")
         print(f"  a feature with 40 examples: {f_bytes + 40 * e_bytes:.0f} B (target <= 8192)")
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def disk_bytes(url: str) -> dict[str, int]:
         if url.startswith("sqlite"):
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             out = {}
-            for table in ("features", "examples"):
+            for table in ("features", "example_blocks"):
                 names = [r[0] for r in conn.execute(sa.text(
                     "SELECT name FROM sqlite_master WHERE tbl_name = :t"), {"t": table})]
                 out[table] = sum(conn.execute(sa.text(
@@ -101,7 +101,7 @@ def disk_bytes(url: str) -> dict[str, int]:
         else:
             conn.exec_driver_sql("VACUUM ANALYZE")  # settle the visibility map, counts
             out = {t: conn.execute(sa.text("SELECT pg_total_relation_size(:t)"),
-                                   {"t": t}).scalar() for t in ("features", "examples")}
+                                   {"t": t}).scalar() for t in ("features", "example_blocks")}
     eng.dispose()
     return out
 
@@ -227,7 +227,7 @@ def main() -> None:
     for name, t, size, lat in results:
         h, j = lat["html"], lat["json"]
         print(f"{name:<12}{t:>9.1f}{t - t_dla:>9.1f}{n / t:>9.0f}"
-              f"{(size['features'] + size['examples']) / n:>11.0f}{h['p50']:>9.1f}m"
+              f"{(size['features'] + size['example_blocks']) / n:>11.0f}{h['p50']:>9.1f}m"
               f"{h['p99']:>9.1f}m{j['p50']:>9.1f}m{j['p99']:>9.1f}m{j['rps']:>12.0f}")
     if not args.skip_ray:
         runs = ray_tokens_per_second(args.ray_tokens)

@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
@@ -185,3 +185,39 @@ needs_chromium = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
                        "/usr/bin/chromium (make browser installs it)"),
 ]
+
+
+class StoredExample(NamedTuple):
+    feature_idx: int
+    group: int
+    rank: int
+    seq_idx: int
+    start: int
+    peak_pos: int
+    peak_value: float
+    acts: bytes
+
+
+def stored_examples(conn, source_id: int, feature_idx: int | None = None,
+                    group: int | None = None) -> list[StoredExample]:
+    """A source's stored examples (or one feature's, or one group's), by feature, group and
+    rank, unpacked from example_blocks with numpy, apart from the server's own reader."""
+    import numpy as np
+    from sqlalchemy import text
+
+    where, params = "source_id = :s", {"s": source_id}
+    if feature_idx is not None:
+        where, params["f"] = where + " AND feature_idx = :f", feature_idx
+    if group is not None:
+        where, params["g"] = where + ' AND "group" = :g', group
+    out = []
+    for f, g, n, window, data in conn.execute(text(
+            f'SELECT feature_idx, "group", n, "window", data FROM example_blocks WHERE {where} '
+            'ORDER BY feature_idx, "group"'), params):
+        rec = np.frombuffer(bytes(data), dtype=np.dtype([
+            ("seq", "<i4"), ("start", "<i2"), ("peak", "<i2"), ("value", "<f4"),
+            ("acts", "<f2", (window,))]))
+        assert len(rec) == n
+        out += [StoredExample(f, g, r, int(x["seq"]), int(x["start"]), int(x["peak"]),
+                              float(x["value"]), x["acts"].tobytes()) for r, x in enumerate(rec)]
+    return out

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import create_engine, select, text
+from support import stored_examples
 
 from app.cli import main, parse_layers
 
@@ -34,8 +35,8 @@ def dump(db: Path) -> tuple[list, list]:
             "SELECT s.slug, f.* FROM features f JOIN sources s ON s.id = f.source_id "
             "ORDER BY s.slug, f.idx")).all()
         exs = conn.execute(text(
-            "SELECT s.slug, e.* FROM examples e JOIN sources s ON s.id = e.source_id "
-            "ORDER BY s.slug, e.feature_idx, e.\"group\", e.rank")).all()
+            "SELECT s.slug, e.* FROM example_blocks e JOIN sources s ON s.id = e.source_id "
+            "ORDER BY s.slug, e.feature_idx, e.\"group\"")).all()
         status = {r.status for r in conn.execute(text("SELECT status FROM sources"))}
     eng.dispose()
     assert status == {"ready"}
@@ -140,10 +141,7 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
             assert (got_frac - want_frac).abs().max() <= 1.5 / flat.shape[0]
             peak, ppos = body.max(1)
             for f in (0, 100, 777, 1535):
-                ex = conn.execute(text(
-                    "SELECT seq_idx, peak_pos, peak_value, start, acts FROM examples WHERE "
-                    "source_id = :s AND feature_idx = :f AND \"group\" = 0 ORDER BY rank"),
-                    {"s": sid, "f": f}).all()
+                ex = stored_examples(conn, sid, f, 0)
                 want = sorted((-peak[s, f].item(), s) for s in range(24) if peak[s, f] > 0)[:20]
                 assert [e.seq_idx for e in ex] == [s for _, s in want]
                 for e in ex:
@@ -239,8 +237,8 @@ def test_bfloat16_harvest_records_its_dtype_and_live_runs_in_it(tmp_path, monkey
     engine = make_engine(settings.db_url)
     with engine.connect() as conn:
         cfg = conn.execute(text("SELECT harvest_config FROM sources")).scalar()
-        peaks = torch.tensor(conn.execute(text(
-            "SELECT peak_value FROM examples")).scalars().all())
+        peaks = torch.tensor([e.peak_value for s in conn.execute(text(
+            "SELECT id FROM sources")).scalars() for e in stored_examples(conn, s)])
         maxes = torch.tensor(conn.execute(text("SELECT max_act FROM features")).scalars().all())
         seqs = conn.execute(text("SELECT tokens FROM sequences ORDER BY idx")).scalars().all()
     assert '"dtype": "bfloat16"' in cfg or '"dtype":"bfloat16"' in cfg

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
-from support import HOOK, random_sae
+from support import HOOK, random_sae, stored_examples
 
 from workers.sae import (
     METRIC_KEYS,
@@ -250,7 +250,7 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     """Stored top examples, values, windows, stats and logits of an SAE source against encoding
     every token of the dataset directly."""
     from app.db.engine import make_engine, upgrade
-    from app.db.tables import Example, ExampleGroup, Feature, Source
+    from app.db.tables import ExampleGroup, Feature, Source
     from workers import store
     from workers.accumulate import window_start
     from workers.corpus import load_dataset
@@ -284,8 +284,7 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
         assert (src.kind, src.status, src.sae_config["k"]) == ("sae", "ready", 6)
         feats = conn.execute(select(Feature).where(Feature.source_id == sid)
                              .order_by(Feature.idx)).all()
-        examples = conn.execute(select(Example).where(Example.source_id == sid).order_by(
-            Example.feature_idx, Example.group, Example.rank)).all()
+        examples = stored_examples(conn, sid)
     by_feature: dict[int, list] = {}
     for e in examples:
         by_feature.setdefault(e.feature_idx, []).append(e)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
+from support import stored_examples
 
 from app.db.engine import make_engine, upgrade
-from app.db.tables import Dataset, Example, ExampleGroup, Feature, Model, Sequence, Source
+from app.db.tables import Dataset, ExampleGroup, Feature, Model, Sequence, Source
 from workers import store
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
@@ -71,9 +72,7 @@ def test_written_harvest_reads_back_exactly(db_url, harvested):
             assert row.top_logits[0][1] == pytest.approx(eff.max().item(), rel=1e-4)
             assert [t for t, _ in row.bottom_logits] == eff.topk(10, largest=False).indices.tolist()
 
-            ex = conn.execute(select(Example).where(
-                Example.source_id == sid, Example.feature_idx == f,
-                Example.group == ExampleGroup.top).order_by(Example.rank)).all()
+            ex = stored_examples(conn, sid, f, ExampleGroup.top)
             n_top = int(torch.isfinite(st.top.score[:, f]).sum())
             assert len(ex) == n_top
             for r, e in enumerate(ex):
@@ -89,9 +88,8 @@ def test_written_harvest_reads_back_exactly(db_url, harvested):
                 assert row.top_tokens[0][1] == max(peak_tokens.count(t) for t in peak_tokens)
 
         # quantile groups: ascending activation across groups, each from the fired sample
-        q = conn.execute(select(Example.group, Example.peak_value).where(
-            Example.source_id == sid, Example.feature_idx == 0,
-            Example.group >= ExampleGroup.quantile).order_by(Example.group, Example.rank)).all()
+        q = [(e.group, e.peak_value) for e in stored_examples(conn, sid, 0)
+             if e.group >= ExampleGroup.quantile]
         assert {g for g, _ in q} <= {ExampleGroup.quantile + g for g in range(CFG.n_ranges)}
         values = [v for _, v in q]
         assert values == sorted(values) and all(v > 0 for v in values)
@@ -120,3 +118,17 @@ def test_a_source_is_invisible_until_finished(db_url, harvested):
     store.fail(engine, reg, "RuntimeError: out of memory")
     with engine.connect() as conn:
         assert {r.status for r in conn.execute(select(Source.status))} == {"failed"}
+
+
+def test_top_token_counts_equal_counting_each_feature():
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 6, (20, 300), generator=gen)
+    fired = torch.rand(20, 300, generator=gen) < 0.7
+    fired[:, :3] = False  # features that never fired
+    got = store.top_token_counts(tokens, fired)
+    for f in range(300):
+        toks, counts = tokens[:, f][fired[:, f]].unique(return_counts=True)
+        want = sorted(zip(toks.tolist(), counts.tolist(), strict=True),
+                      key=lambda tc: (-tc[1], tc[0]))[:store.N_TOP_TOKENS]
+        assert got[f] == [list(tc) for tc in want]
+    assert got[0] == []

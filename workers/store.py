@@ -20,7 +20,7 @@ from app.db.bulk import bulk_insert, copy_columns
 from app.db.engine import transaction
 from app.db.tables import (
     Dataset,
-    Example,
+    ExampleBlock,
     ExampleGroup,
     Feature,
     Model,
@@ -29,6 +29,7 @@ from app.db.tables import (
     Source,
     SourceStatus,
     Vocabulary,
+    example_record_size,
     utcnow,
 )
 from workers.accumulate import window_start
@@ -148,8 +149,15 @@ def _sig(x: float) -> float:
     return float(f"{x:.5g}")
 
 
-def _json(value) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_json = json.JSONEncoder(separators=(",", ":")).encode
+"""Compact JSON text, from one encoder made once (json.dumps makes one per call)."""
+
+
+def _json_rows(x: torch.Tensor) -> list[str]:
+    """The compact JSON array of each row of a 2-D integer tensor, from one encoding of all."""
+    if x.shape[1] == 0:
+        return ["[]"] * x.shape[0]
+    return [f"[{r}]" for r in _json(x.tolist())[2:-2].split("],[")] if x.shape[0] else []
 
 
 def logit_tables(lm, directions: torch.Tensor, k: int = N_LOGITS, chunk: int = 512
@@ -164,6 +172,21 @@ def logit_tables(lm, directions: torch.Tensor, k: int = N_LOGITS, chunk: int = 5
             for vals, idx in zip(rv.tolist(), ri.tolist(), strict=True):
                 out.append([[t, _sig(v)] for t, v in zip(idx, vals, strict=True)])
     return tops, bottoms
+
+
+def top_token_counts(tokens: torch.Tensor, fired: torch.Tensor, k: int = N_TOP_TOKENS
+                     ) -> list[list[list[int]]]:
+    """Per feature, the k most frequent tokens among tokens[:, f] where fired[:, f], as
+    [[token_id, count], ...] by count, then token id. tokens, fired: [n, F]."""
+    big = int(tokens.max()) + 2 if tokens.numel() else 1
+    s = torch.where(fired, tokens.long(), big).sort(0).values
+    counts = (s[:, None, :] == s[None, :, :]).sum(1)
+    first = torch.ones_like(fired)
+    first[1:] = s[1:] != s[:-1]
+    # one key per distinct token: count first, then the lower token id
+    key = torch.where(first & (s != big), counts * (big + 1) + (big - s), -1)
+    key = key.topk(min(k, key.shape[0]), dim=0).values.T.tolist()
+    return [[[big - x % (big + 1), x // (big + 1)] for x in row if x >= 0] for row in key]
 
 
 def quantile_picks(sample: Ranked, n_ranges: int, per_range: int) -> list[tuple[int, torch.Tensor]]:
@@ -188,8 +211,7 @@ def quantile_picks(sample: Ranked, n_ranges: int, per_range: int) -> list[tuple[
     return out
 
 
-EXAMPLE_COLUMNS = ("source_id", "feature_idx", "group", "rank", "seq_idx", "start", "peak_pos",
-                   "peak_value", "acts")
+BLOCK_COLUMNS = ("source_id", "feature_idx", "group", "n", "window", "data")
 FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_act",
                    "frac_active", "n_active", "n_tokens", "histogram", "top_logits",
                    "bottom_logits", "top_tokens")
@@ -197,25 +219,56 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
 
 
-def _example_columns(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
-                     seq_len: int, window: int) -> list[np.ndarray]:
-    """The example rows of one group, one array per column of EXAMPLE_COLUMNS, typed as the
-    columns are (int32 integer, int16 smallint, float64 double, float16 LE bytes for acts).
-    rows: [n, F] indices into the ranking (-1 = none), in rank order."""
-    f_idx = torch.arange(rows.shape[1])[None, :].expand_as(rows)
+def example_record(window: int) -> np.dtype:
+    """The numpy layout of one record of `example_blocks.data` (tables.EXAMPLE_HEAD + acts)."""
+    dt = np.dtype([("seq_idx", "<i4"), ("start", "<i2"), ("peak_pos", "<i2"),
+                   ("peak_value", "<f4"), ("acts", "<f2", (window,))])
+    assert dt.itemsize == example_record_size(window)
+    return dt
+
+
+def _example_blocks(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
+                    seq_len: int, first: int) -> list[np.ndarray | list[memoryview]]:
+    """The example_blocks rows of one group for features first, first + 1, ..., one array (or
+    list of bytes) per BLOCK_COLUMNS. rows: [n, F] indices into the ranking (-1 = none) of
+    those features, in rank order. Features without an example in the group get no row."""
+    n, n_features = rows.shape
+    window = ranking.windows.shape[-1]
     ok = rows >= 0
-    r, fs = rows[ok], f_idx[ok]
-    rank = (ok.cumsum(0) - 1)[ok]
-    pos = ranking.pos[r, fs].long()
-    n = fs.numel()
-    return [
-        np.full(n, source_id, dtype=np.int32), fs.numpy().astype(np.int32),
-        np.full(n, group, dtype=np.int16), rank.numpy().astype(np.int16),
-        ranking.seq[r, fs].numpy().astype(np.int32),
-        window_start(pos, seq_len, window).numpy().astype(np.int16),
-        pos.numpy().astype(np.int16), ranking.value[r, fs].double().numpy(),
-        ranking.windows[r, fs].numpy().astype("<f2"),
-    ]
+    # The examples of each feature to the front of its column, in rank order.
+    rows = rows.gather(0, torch.argsort((~ok).to(torch.int8), dim=0, stable=True)).clamp(min=0)
+    counts = ok.sum(0).numpy()
+    f = torch.arange(first, first + n_features)[None, :].expand_as(rows)
+    pos = ranking.pos[rows, f].long()
+    rec = np.empty((n_features, n), dtype=example_record(window))  # feature-major
+    rec["seq_idx"] = ranking.seq[rows, f].T.numpy()
+    rec["start"] = window_start(pos, seq_len, window).T.numpy()
+    rec["peak_pos"] = pos.T.numpy()
+    rec["peak_value"] = ranking.value[rows, f].float().T.numpy()
+    rec["acts"] = ranking.windows[rows, f].transpose(0, 1).numpy()
+    buf, size = memoryview(rec.reshape(-1).view(np.uint8)), rec.itemsize
+    has = np.flatnonzero(counts)
+    data = [buf[i * n * size:(i * n + c) * size]
+            for i, c in zip(has.tolist(), counts[has].tolist(), strict=True)]
+    m = len(has)
+    return [np.full(m, source_id, dtype=np.int32), (has + first).astype(np.int32),
+            np.full(m, group, dtype=np.int16), counts[has].astype(np.int16),
+            np.full(m, window, dtype=np.int16), data]
+
+
+BLOCK_CHUNK = 8192
+"""Features whose example blocks are built and written together."""
+
+
+def _by_feature(parts: list[list]) -> list:
+    """The rows of several groups' BLOCK_COLUMNS as one set of columns, ordered by feature and
+    then group: written in that order, the large top and bottom blocks of a feature share
+    pages with its small quantile blocks."""
+    cols = [np.concatenate(c) if isinstance(c[0], np.ndarray) else [x for p in c for x in p]
+            for c in zip(*parts, strict=True)]
+    order = np.argsort(cols[1], kind="stable")
+    return [c[order] if isinstance(c, np.ndarray) else [c[i] for i in order.tolist()]
+            for c in cols]
 
 
 def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec],
@@ -229,29 +282,24 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
         for spec in specs:
             sid = reg.source_ids[spec.slug]
             st = states[spec.slug]
-            session.execute(delete(Example).where(Example.source_id == sid))
+            session.execute(delete(ExampleBlock).where(ExampleBlock.source_id == sid))
             session.execute(delete(Feature).where(Feature.source_id == sid))
             session.execute(delete(PeakToken).where(PeakToken.source_id == sid))
-            window = st.top.windows.shape[-1]
             tops, bottoms = logit_tables(lm, spec.directions())
 
             peak_tok = dataset.tokens[st.top.seq.clamp(max=len(dataset.tokens) - 1),
                                       st.top.pos.long()]
-            fired = torch.isfinite(st.top.score)
+            top_tokens = top_token_counts(peak_tok, torch.isfinite(st.top.score))
             stats = st.stats
             n = max(stats.n_tokens, 1)
             cols = zip(stats.max.tolist(), stats.min.tolist(), stats.mean.tolist(),
-                       stats.std.tolist(), stats.n_active.tolist(), stats.hist.tolist(),
-                       strict=True)
+                       stats.std.tolist(), stats.n_active.tolist(), _json_rows(stats.hist),
+                       top_tokens, strict=True)
             feats, peaks = [], []
-            for f, (mx, mn, mean, std, nact, hist) in enumerate(cols):
-                toks, counts = peak_tok[:, f][fired[:, f]].unique(return_counts=True)
-                order = counts.argsort(descending=True, stable=True)[:N_TOP_TOKENS]
-                top_tokens = [[t, c] for t, c in zip(toks[order].tolist(),
-                                                     counts[order].tolist(), strict=True)]
+            for f, (mx, mn, mean, std, nact, hist, tt) in enumerate(cols):
                 feats.append((sid, f, mx, mn, mean, std, nact / n, nact, stats.n_tokens,
-                              _json(hist), _json(tops[f]), _json(bottoms[f]), _json(top_tokens)))
-                peaks += [(sid, t, f, c) for t, c in top_tokens]
+                              hist, _json(tops[f]), _json(bottoms[f]), _json(tt)))
+                peaks += [(sid, t, f, c) for t, c in tt]
             bulk_insert(session, Feature.__table__, FEATURE_COLUMNS, feats)
             bulk_insert(session, PeakToken.__table__, PEAK_COLUMNS, peaks)
 
@@ -262,11 +310,15 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
                     st.bottom.size)[:, None].expand(-1, spec.n_features)))
             for g, rows in quantile_picks(st.sample, cfg.n_ranges, cfg.per_range):
                 groups.append((ExampleGroup.quantile + g, st.sample, rows))
-            for code, ranking, rows in groups:
-                rows = torch.where(torch.isfinite(ranking.score.gather(0, rows.clamp(min=0))),
-                                   rows, torch.tensor(-1))
-                copy_columns(session, Example.__table__, EXAMPLE_COLUMNS,
-                             _example_columns(sid, int(code), ranking, rows, seq_len, window))
+            groups = [(code, ranking, torch.where(torch.isfinite(
+                ranking.score.gather(0, rows.clamp(min=0))), rows, torch.tensor(-1)))
+                for code, ranking, rows in groups]
+            for lo in range(0, spec.n_features, BLOCK_CHUNK):
+                hi = min(lo + BLOCK_CHUNK, spec.n_features)
+                parts = [_example_blocks(sid, int(code), ranking, rows[:, lo:hi], seq_len, lo)
+                         for code, ranking, rows in groups]
+                copy_columns(session, ExampleBlock.__table__, BLOCK_COLUMNS,
+                             _by_feature(parts))
 
             finished = utcnow()
             version = hashlib.sha256(json.dumps(

@@ -35,11 +35,12 @@ COPY_CHUNK_ROWS = 50_000
 
 
 def copy_columns(session: Session, table: Table, columns: Sequence[str],
-                 arrays: Sequence[np.ndarray]) -> None:
+                 arrays: Sequence[np.ndarray | list]) -> None:
     """Rows given as one numpy array per column, written with PostgreSQL's binary COPY built
-    in bulk by numpy: no Python object per row or per value. A 1-D array is a fixed-width
-    column (int16 for smallint, int32 for integer, int64 for bigint, float64 for double
-    precision); a 2-D array [n, k] is a bytea column of k items' raw bytes per row.
+    in bulk by numpy: no Python object per value of a fixed-width column. A 1-D array is a
+    fixed-width column (int16 for smallint, int32 for integer, int64 for bigint, float64 for
+    double precision); a 2-D array [n, k] is a bytea column of k items' raw bytes per row; a
+    list of bytes (or memoryviews of bytes) is a bytea column of any length per row.
 
     On SQLite (no COPY) the same rows go through `bulk_insert`."""
     n = len(arrays[0])
@@ -47,29 +48,53 @@ def copy_columns(session: Session, table: Table, columns: Sequence[str],
         raise ValueError("every column needs one value per row")
     conn = session.connection()
     if conn.dialect.name != "postgresql":
-        values = [a.tolist() if a.ndim == 1 else [r.tobytes() for r in a] for a in arrays]
+        values = [a if isinstance(a, list) else a.tolist() if a.ndim == 1
+                  else [r.tobytes() for r in a] for a in arrays]
         bulk_insert(session, table, columns, zip(*values, strict=True))
         return
+    # Each row is its fixed-width parts, built for all rows at once as numpy records, with the
+    # bytes of each variable-length column between them.
+    parts: list[np.ndarray | list] = []
     fields: list[tuple[str, str]] = [("count", ">i2")]
+    fills: dict[str, object] = {"count": len(arrays)}
+
+    def close() -> None:
+        rec = np.empty(n, dtype=fields)
+        for name, value in fills.items():
+            rec[name] = value
+        parts.append(rec)
+
     for i, a in enumerate(arrays):
+        if isinstance(a, list):
+            fields.append((f"len{i}", ">i4"))
+            fills[f"len{i}"] = np.fromiter(map(len, a), dtype=np.int32, count=n)
+            close()
+            parts.append(a)
+            fields, fills = [], {}
+            continue
         width = a.shape[1] * a.itemsize if a.ndim == 2 else a.itemsize
         kind = f"V{width}" if a.ndim == 2 else a.dtype.newbyteorder(">").str
         fields += [(f"len{i}", ">i4"), (f"val{i}", kind)]
-    rec = np.empty(n, dtype=fields)
-    rec["count"] = len(arrays)
-    for i, a in enumerate(arrays):
-        if a.ndim == 2:
-            width = a.shape[1] * a.itemsize
-            rec[f"len{i}"] = width
-            rec[f"val{i}"] = np.ascontiguousarray(a).view(f"V{width}").reshape(n)
-        else:
-            rec[f"len{i}"] = a.itemsize
-            rec[f"val{i}"] = a
+        fills[f"len{i}"] = width
+        fills[f"val{i}"] = (np.ascontiguousarray(a).view(f"V{width}").reshape(n) if a.ndim == 2
+                            else a)
+    if fields:
+        close()
     cols = ", ".join(f'"{c}"' for c in columns)
     raw = conn.connection.driver_connection
     with raw.cursor() as cur, cur.copy(
             f'COPY "{table.name}" ({cols}) FROM STDIN (FORMAT BINARY)') as copy:
         copy.write(_PG_SIGNATURE)
         for lo in range(0, n, COPY_CHUNK_ROWS):
-            copy.write(rec[lo:lo + COPY_CHUNK_ROWS].tobytes())
+            hi = min(lo + COPY_CHUNK_ROWS, n)
+            if len(parts) == 1:
+                copy.write(parts[0][lo:hi].tobytes())
+                continue
+            columns_of_rows = [_split(p[lo:hi].tobytes(), p.itemsize, hi - lo)
+                               if isinstance(p, np.ndarray) else p[lo:hi] for p in parts]
+            copy.write(b"".join(x for row in zip(*columns_of_rows, strict=True) for x in row))
         copy.write(_PG_TRAILER)
+
+
+def _split(buf: bytes, size: int, n: int) -> list[bytes]:
+    return [buf[j * size:(j + 1) * size] for j in range(n)]

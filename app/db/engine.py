@@ -26,6 +26,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - runs per connection
             cur = dbapi_conn.cursor()
+            # Takes effect when the file is made (a no-op on an existing one). A feature's
+            # example blocks (2.8 kB top and bottom, 0.7 kB quantile) leave a quarter of 4 kB
+            # pages empty and a tenth of 8 kB ones (bench/scale.py: 12.4, 11.0, 9.9 kB each).
+            cur.execute("PRAGMA page_size=16384")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import NamedTuple
 
-from sqlalchemy import Row, bindparam, func, select, tuple_
+from sqlalchemy import Row, bindparam, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.tables import (
     Dataset,
-    Example,
+    ExampleBlock,
     ExampleGroup,
     Feature,
     Model,
@@ -29,6 +30,7 @@ from app.db.tables import (
     Sequence,
     Source,
     Vocabulary,
+    unpack_examples,
 )
 
 MAX_ROWS = 500
@@ -73,14 +75,27 @@ _SOURCE_BY_SLUG = (
     .where(Model.slug == bindparam("model"), Source.slug == bindparam("source")))
 _FEATURE = select(Feature.__table__).where(Feature.source_id == bindparam("source_id"),
                                            Feature.idx == bindparam("index"))
-_EXAMPLES = (
-    select(Example.group, Example.rank, Example.seq_idx, Example.start, Example.peak_pos,
-           Example.peak_value, Example.acts, Sequence.tokens)
-    .join(Sequence, (Sequence.dataset_id == bindparam("dataset_id"))
-          & (Sequence.idx == Example.seq_idx))
-    .where(Example.source_id == bindparam("source_id"),
-           Example.feature_idx == bindparam("index"))
-    .order_by(Example.group, Example.rank).limit(MAX_ROWS))
+_BLOCKS = (
+    select(ExampleBlock.group, ExampleBlock.n, ExampleBlock.window, ExampleBlock.data)
+    .where(ExampleBlock.source_id == bindparam("source_id"),
+           ExampleBlock.feature_idx == bindparam("index"))
+    .order_by(ExampleBlock.group).limit(MAX_ROWS))
+_SEQUENCES = select(Sequence.idx, Sequence.tokens).where(
+    Sequence.dataset_id == bindparam("dataset_id"),
+    Sequence.idx.in_(bindparam("seqs", expanding=True)))
+
+
+class ExampleRow(NamedTuple):
+    """One stored example (see tables.StoredExample) with its sequence's int32 LE token blob."""
+
+    group: int
+    rank: int
+    seq_idx: int
+    start: int
+    peak_pos: int
+    peak_value: float
+    acts: bytes
+    tokens: bytes
 
 
 def source_by_slug(session: Session, *, model: str, source: str) -> Row | None:
@@ -98,10 +113,17 @@ def feature(session: Session, *, source_id: int, index: int) -> Row | None:
         _FEATURE, {"source_id": source_id, "index": index}).first()
 
 
-def examples(session: Session, *, source_id: int, dataset_id: int, index: int) -> Seq[Row]:
+def examples(session: Session, *, source_id: int, dataset_id: int, index: int
+             ) -> list[ExampleRow]:
     """The examples of one feature with the token blob of their sequence, by group and rank."""
-    return session.connection().execute(
-        _EXAMPLES, {"source_id": source_id, "dataset_id": dataset_id, "index": index}).all()
+    conn = session.connection()
+    stored = [ex for b in conn.execute(_BLOCKS, {"source_id": source_id, "index": index})
+              for ex in unpack_examples(b.group, b.n, b.window, b.data)]
+    if not stored:
+        return []
+    seqs = dict(conn.execute(_SEQUENCES, {"dataset_id": dataset_id,
+                                          "seqs": sorted({e.seq_idx for e in stored})}).all())
+    return [ExampleRow(*e, seqs[e.seq_idx]) for e in stored if e.seq_idx in seqs]
 
 
 def features_page(session: Session, *, source_id: int, sort: str, desc: bool,
@@ -147,10 +169,9 @@ def top_counts(session: Session, *, source_id: int, indices: Seq[int]) -> dict[i
     """How many top examples each of these features has."""
     if not indices:
         return {}
-    q = (select(Example.feature_idx, func.count())
-         .where(Example.source_id == source_id, Example.group == ExampleGroup.top,
-                Example.feature_idx.in_(list(indices)))
-         .group_by(Example.feature_idx))
+    q = (select(ExampleBlock.feature_idx, ExampleBlock.n)
+         .where(ExampleBlock.source_id == source_id, ExampleBlock.group == ExampleGroup.top,
+                ExampleBlock.feature_idx.in_(list(indices))))
     return dict(session.execute(q).all())
 
 

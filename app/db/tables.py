@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import struct
+from typing import NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -168,23 +170,64 @@ class ExampleGroup(enum.IntEnum):
         raise ValueError(f"unknown example group {name!r}")
 
 
-class Example(Base):
-    """A window of one sequence around where a feature peaked, with its activation at every token."""
+EXAMPLE_HEAD = struct.Struct("<ihhf")
+"""The head of each example record in `example_blocks.data`: seq_idx (int32), window start
+(int16), peak position (int16) and the exact peak activation (float32). The window's
+activations follow it as `window` float16 values. Everything is little-endian."""
 
-    __tablename__ = "examples"
-    __table_args__ = {"sqlite_with_rowid": False}
+
+def example_record_size(window: int) -> int:
+    return EXAMPLE_HEAD.size + 2 * window
+
+
+class ExampleBlock(Base):
+    """The examples of one feature in one group (top, bottom, quantile-N), in rank order, as
+    `n` packed records of `example_record_size(window)` bytes (see EXAMPLE_HEAD): each a
+    window of one sequence around where the feature peaked, with its activation at every token.
+
+    One row per group rather than per example: a source of 100,000 features is 700,000 rows
+    instead of 6.5 million, and a feature page reads at most a handful of them.
+
+    A rowid table on SQLite (the primary key is a separate index): a WITHOUT ROWID table is a
+    b-tree index, whose cells keep only about 1 kB on the page and move the rest of a top
+    block (20 records, 2.8 kB) to a mostly empty overflow page."""
+
+    __tablename__ = "example_blocks"
 
     source_id: Mapped[int] = mapped_column(
         ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
     )
     feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     group: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    seq_idx: Mapped[int] = mapped_column(Integer)
-    start: Mapped[int] = mapped_column(SmallInteger, doc="window start in the sequence")
-    peak_pos: Mapped[int] = mapped_column(SmallInteger, doc="peak position in the sequence")
-    peak_value: Mapped[float] = mapped_column(Float, doc="the exact (float32) peak activation")
-    acts: Mapped[bytes] = mapped_column(LargeBinary, doc="float16 little-endian, one per window token")
+    n: Mapped[int] = mapped_column(SmallInteger, doc="how many examples")
+    window: Mapped[int] = mapped_column(SmallInteger, doc="tokens per example window")
+    data: Mapped[bytes] = mapped_column(LargeBinary, doc="n packed example records")
+
+
+class StoredExample(NamedTuple):
+    """One example of a block, unpacked; acts is its window's float16 LE bytes."""
+
+    group: int
+    rank: int
+    seq_idx: int
+    start: int
+    peak_pos: int
+    peak_value: float
+    acts: bytes
+
+
+def unpack_examples(group: int, n: int, window: int, data: bytes) -> list[StoredExample]:
+    size = example_record_size(window)
+    head = EXAMPLE_HEAD
+    if len(data) != n * size:
+        raise ValueError(f"an example block of {n} records of {size} bytes holds {len(data)} bytes")
+    out = []
+    for rank in range(n):
+        at = rank * size
+        seq_idx, start, peak_pos, peak_value = head.unpack_from(data, at)
+        out.append(StoredExample(group, rank, seq_idx, start, peak_pos, peak_value,
+                                 data[at + head.size:at + size]))
+    return out
 
 
 class PeakToken(Base):

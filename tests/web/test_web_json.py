@@ -6,8 +6,9 @@ import struct
 
 import pytest
 from sqlalchemy import select
+from support import stored_examples
 
-from app.db.tables import Example, ExampleGroup, Feature, Sequence, Source, Vocabulary
+from app.db.tables import ExampleGroup, Feature, Sequence, Source, Vocabulary
 from app.schemas import (
     ErrorOut,
     FeaturePage,
@@ -104,9 +105,7 @@ def test_feature_json_matches_the_stored_rows(client, web_db):
         vocab = conn.scalar(select(Vocabulary.tokens).where(Vocabulary.model_id == src.model_id))
         feat = conn.execute(select(Feature).where(Feature.source_id == src.id,
                                                   Feature.idx == 5)).one()
-        rows = conn.execute(select(Example).where(Example.source_id == src.id,
-                                                  Example.feature_idx == 5)
-                            .order_by(Example.group, Example.rank)).all()
+        rows = stored_examples(conn, src.id, 5)
         seqs = dict(conn.execute(select(Sequence.idx, Sequence.tokens).where(
             Sequence.dataset_id == src.dataset_id)).all())
     fp = get_json(client, f"/{web_db.llama}/1-mlp/5.json", FeaturePage)

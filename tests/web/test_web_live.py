@@ -20,7 +20,7 @@ from support import CHROMIUM, fresh_pg_url, postgres_available, random_sae, serv
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
-from app.db.tables import PeakToken
+from app.db.tables import ExampleBlock, PeakToken
 from app.live import LiveLimits, LiveService
 from app.main import create_app
 from workers import store
@@ -366,16 +366,23 @@ def test_token_search_by_text_finds_the_spaced_token_too(client, world):
     assert client.get(f"/tokens.json?model={world.lm.slug}&token=").status_code == 422
 
 
-def test_peak_tokens_are_filled_by_the_migration_for_older_databases(world):
-    """A database made before peak_tokens existed gets them, equal to what a harvest writes."""
+def test_older_databases_are_migrated_to_what_a_harvest_writes(world):
+    """A database made before peak_tokens existed gets them; one with a row per example gets
+    its example blocks back byte for byte (0003 down to a row per example, then up again)."""
+    def dump():
+        with world.engine.connect() as conn:
+            return (sorted(conn.execute(select(PeakToken.__table__)).all()),
+                    sorted(conn.execute(select(ExampleBlock.__table__)).all()))
+
+    before = dump()
+    assert before[0] and before[1]
+    upgrade(world.engine, "0002")
     with world.engine.connect() as conn:
-        before = sorted(conn.execute(select(PeakToken.__table__)).all())
-    assert before
+        n_rows = conn.exec_driver_sql("SELECT COUNT(*) FROM examples").scalar()
+    assert n_rows == sum(b.n for b in before[1])
     upgrade(world.engine, "0001")
     upgrade(world.engine)
-    with world.engine.connect() as conn:
-        after = sorted(conn.execute(select(PeakToken.__table__)).all())
-    assert after == before
+    assert dump() == before
 
 
 # ------------------------------------------------------------------ without --live

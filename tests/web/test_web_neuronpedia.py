@@ -8,8 +8,9 @@ import struct
 
 import pytest
 from sqlalchemy import select
+from support import stored_examples
 
-from app.db.tables import Example, ExampleGroup, Feature, Model, Sequence, Source, Vocabulary
+from app.db.tables import ExampleGroup, Feature, Model, Sequence, Source, Vocabulary
 from app.schemas import NpFeature, histogram_edges
 
 
@@ -20,9 +21,7 @@ def stored(engine, model: str, source: str, index: int):
         vocab = conn.scalar(select(Vocabulary.tokens).where(Vocabulary.model_id == src.model_id))
         feat = conn.execute(select(Feature).where(Feature.source_id == src.id,
                                                   Feature.idx == index)).one()
-        rows = conn.execute(select(Example).where(Example.source_id == src.id,
-                                                  Example.feature_idx == index)
-                            .order_by(Example.group, Example.rank)).all()
+        rows = stored_examples(conn, src.id, index)
         seqs = dict(conn.execute(select(Sequence.idx, Sequence.tokens).where(
             Sequence.dataset_id == src.dataset_id)).all())
     return src, vocab, feat, rows, seqs
