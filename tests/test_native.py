@@ -82,6 +82,7 @@ def test_offer_equals_ranked_offer(seed):
     g = torch.Generator().manual_seed(seed)
     size, f, b = 5, 23, 4
     ref, nat = Ranked.empty(size, f), Ranked.empty(size, f)
+    kept = []  # every batch's windows, checked again at the end: the C loop reuses its buffers
     for step in range(12):
         seq0 = step * b
         score = (torch.randint(0, 5, (b, f), generator=g).float() / 2)  # many ties
@@ -101,7 +102,9 @@ def test_offer_equals_ranked_offer(seed):
                                                    slot0=1000 * step, acts=acts, window=7)
         start = window_start(at, 30, 7)
         tok = start[:, None] + torch.arange(7)
-        assert torch.equal(win, acts[rows[:, None], tok, feats[:, None]].to(torch.float16))
+        want = acts[rows[:, None], tok, feats[:, None]].to(torch.float16)
+        assert torch.equal(win, want)
+        kept.append((win, want))
         for name in ("score", "seq", "pos", "value"):
             assert torch.equal(getattr(nat, name), getattr(ref, name)), (step, name)
         # every entry that is new after the batch was inserted by it; give it, in the torch
@@ -114,3 +117,4 @@ def test_offer_equals_ranked_offer(seed):
             ref.slot[r, fe] = slot
         assert torch.equal(nat.slot, ref.slot)
         assert len(slots) >= int(new.sum())
+    assert all(torch.equal(win, want) for win, want in kept)

@@ -108,7 +108,10 @@ class Accumulator:
             entering = sum(int((score > r.score[-1]).sum()) for r, score, _, _ in offers)
             src = acts
             if entering * self.window * 8 > acts.numel():
-                src = acts.transpose(1, 2).contiguous().transpose(1, 2)
+                from workers.native import scratch
+
+                src = scratch("transposed", acts.numel(), acts.dtype).view(b, f, t)
+                src = src.copy_(acts.transpose(1, 2)).transpose(1, 2)
             for ranking, score, pos, value in offers:
                 self._admit_native(ranking, score, pos, value, src, seq0)
         else:

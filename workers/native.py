@@ -301,6 +301,20 @@ def native_reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
     return mx, amx, mn, amn, s, ss, nact, hist
 
 
+_scratch = threading.local()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
+    """A buffer of at least numel items, kept per thread and reused across calls (contents are
+    left over). Allocating a few MB per layer and batch instead, and freeing it, costs the
+    harvest page faults and malloc trimming worth more than the work done in them."""
+    bufs = _scratch.__dict__
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def native_offer(ranking, score: Tensor, pos: Tensor, value: Tensor, seq0: int, slot0: int,
                  acts: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Insert a batch's candidates (score, pos, value: [batch, F], sequence seq0 + row) into a
@@ -325,12 +339,12 @@ def native_offer(ranking, score: Tensor, pos: Tensor, value: Tensor, seq0: int, 
     score = score.contiguous().float()
     pos = pos.contiguous().long()
     value = value.contiguous().float()
-    out = torch.empty(3, b * f, dtype=torch.int64)
-    win = torch.empty(b * f, window, dtype=torch.float16)
+    out = scratch("offer-out", 3 * b * f, torch.int64).view(3, b * f)
+    win = scratch("offer-windows", b * f * window, torch.float16).view(b * f, window)
     before = window - window // 4 - 1  # as workers.accumulate.window_start
     n = lib.fs_offer(ranking.score.data_ptr(), ranking.seq.data_ptr(), ranking.pos.data_ptr(),
                      ranking.value.data_ptr(), ranking.slot.data_ptr(), size, f,
                      score.data_ptr(), pos.data_ptr(), value.data_ptr(), b, seq0, slot0,
                      acts.data_ptr(), t, sb, st, sf, window, before, win.data_ptr(),
                      out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr())
-    return out[0, :n], out[1, :n], out[2, :n], win[:n]
+    return out[0, :n].clone(), out[1, :n].clone(), out[2, :n].clone(), win[:n].clone()
