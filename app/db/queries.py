@@ -15,7 +15,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import NamedTuple
 
 from sqlalchemy import Row, bindparam, select, tuple_
 from sqlalchemy.orm import Session
@@ -29,6 +28,7 @@ from app.db.tables import (
     PeakToken,
     Sequence,
     Source,
+    StoredExample,
     Vocabulary,
     unpack_examples,
 )
@@ -85,19 +85,6 @@ _SEQUENCES = select(Sequence.idx, Sequence.tokens).where(
     Sequence.idx.in_(bindparam("seqs", expanding=True)))
 
 
-class ExampleRow(NamedTuple):
-    """One stored example (see tables.StoredExample) with its sequence's int32 LE token blob."""
-
-    group: int
-    rank: int
-    seq_idx: int
-    start: int
-    peak_pos: int
-    peak_value: float
-    acts: bytes
-    tokens: bytes
-
-
 def source_by_slug(session: Session, *, model: str, source: str) -> Row | None:
     """One source with what its pages need of its model and dataset, or None."""
     return session.connection().execute(
@@ -114,7 +101,7 @@ def feature(session: Session, *, source_id: int, index: int) -> Row | None:
 
 
 def examples(session: Session, *, source_id: int, dataset_id: int, index: int
-             ) -> list[ExampleRow]:
+             ) -> list[StoredExample]:
     """The examples of one feature with the token blob of their sequence, by group and rank."""
     conn = session.connection()
     stored = [ex for b in conn.execute(_BLOCKS, {"source_id": source_id, "index": index})
@@ -123,7 +110,7 @@ def examples(session: Session, *, source_id: int, dataset_id: int, index: int
         return []
     seqs = dict(conn.execute(_SEQUENCES, {"dataset_id": dataset_id,
                                           "seqs": sorted({e.seq_idx for e in stored})}).all())
-    return [ExampleRow(*e, seqs[e.seq_idx]) for e in stored if e.seq_idx in seqs]
+    return [e._replace(tokens=seqs[e.seq_idx]) for e in stored if e.seq_idx in seqs]
 
 
 def features_page(session: Session, *, source_id: int, sort: str, desc: bool,

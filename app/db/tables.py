@@ -205,7 +205,8 @@ class ExampleBlock(Base):
 
 
 class StoredExample(NamedTuple):
-    """One example of a block, unpacked; acts is its window's float16 LE bytes."""
+    """One example of a block, unpacked; acts is its window's float16 LE bytes, tokens (where a
+    reader filled it) its sequence's int32 LE token ids."""
 
     group: int
     rank: int
@@ -214,6 +215,7 @@ class StoredExample(NamedTuple):
     peak_pos: int
     peak_value: float
     acts: bytes
+    tokens: bytes = b""
 
 
 def unpack_examples(group: int, n: int, window: int, data: bytes) -> list[StoredExample]:
