@@ -14,7 +14,16 @@ from sqlalchemy.orm import Session
 from app.db import queries
 from app.db.bulk import bulk_insert
 from app.db.engine import make_engine, upgrade
-from app.db.tables import Dataset, Example, Feature, Model, PeakToken, Sequence, Source
+from app.db.tables import (
+    EXAMPLE_HEAD,
+    Dataset,
+    ExampleBlock,
+    Feature,
+    Model,
+    PeakToken,
+    Sequence,
+    Source,
+)
 
 N_FEATURES, N_SEQ, SEQ_LEN = 30_000, 2_000, 64
 
@@ -51,11 +60,11 @@ def pg_engine(request):
                 "n_active", "n_tokens", "histogram", "top_logits", "bottom_logits", "top_tokens"),
                 ((sid, i, float(maxes[i]), 0.0, 0.0, 0.0, float(maxes[i]) / 7, 1, 10, "[]",
                   "[]", "[]", json.dumps([[1, 2]])) for i in range(N_FEATURES)))
-            bulk_insert(session, Example.__table__, (
-                "source_id", "feature_idx", "group", "rank", "seq_idx", "start", "peak_pos",
-                "peak_value", "acts"),
-                ((sid, i, 0, r, (i * 7 + r) % N_SEQ, 0, 3, 1.0, b"\0\0" * 16)
-                 for i in range(N_FEATURES) for r in range(4)))
+            bulk_insert(session, ExampleBlock.__table__, (
+                "source_id", "feature_idx", "group", "n", "window", "data"),
+                ((sid, i, 0, 4, 16, b"".join(EXAMPLE_HEAD.pack((i * 7 + r) % N_SEQ, 0, 3, 1.0)
+                                             + b"\0\0" * 16 for r in range(4)))
+                 for i in range(N_FEATURES)))
             bulk_insert(session, PeakToken.__table__,
                         ("source_id", "token_id", "feature_idx", "count"),
                         ((sid, (i * 13 + j) % 5000, i, 4 - j) for i in range(N_FEATURES)
