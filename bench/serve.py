@@ -34,7 +34,7 @@ MODEL = "bench-model"
 SOURCES = [("6-res-sae-64k", "sae", 65_536, False), ("6-mlp", "neurons", 36_864, True)]
 N_SEQ, SEQ_LEN, WINDOW, VOCAB = 4096, 128, 64, 50_257
 TOP_K, N_RANGES, PER_RANGE, N_BOTTOM = 20, 3, 5, 10
-MARK = "bench:serve:v2"
+MARK = "bench:serve:v3"
 
 
 def build_db(path: Path) -> None:
@@ -87,6 +87,8 @@ def _insert_chunk(conn, rng, sid: int, feats: range, bottom: bool, hist_bins: in
 
     import numpy as np
 
+    from app.db.tables import EXAMPLE_HEAD
+
     groups = [(0, TOP_K)] + ([(1, N_BOTTOM)] if bottom else []) + [
         (2 + g, PER_RANGE) for g in range(N_RANGES)]
     frows, erows = [], []
@@ -110,16 +112,17 @@ def _insert_chunk(conn, rng, sid: int, feats: range, bottom: bool, hist_bins: in
                         * peaks[:, None])
             acts[np.arange(n), pos - start] = peaks
             acts = acts.astype("<f2")
-            erows += [(sid, f, code, r, int(s), int(st), int(p), float(v), acts[r].tobytes())
-                      for r, (s, st, p, v) in enumerate(zip(rng.integers(0, N_SEQ, n), start,
-                                                            pos, peaks, strict=True))]
+            data = b"".join(EXAMPLE_HEAD.pack(int(s), int(st), int(p), float(v)) + acts[r].tobytes()
+                            for r, (s, st, p, v) in enumerate(zip(
+                                rng.integers(0, N_SEQ, n), start, pos, peaks, strict=True)))
+            erows.append((sid, f, code, n, WINDOW, data))
     conn.exec_driver_sql(
         "INSERT INTO features (source_id, idx, max_act, min_act, mean_act, std_act, frac_active,"
         " n_active, n_tokens, histogram, top_logits, bottom_logits, top_tokens)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", frows)
     conn.exec_driver_sql(
-        'INSERT INTO examples (source_id, feature_idx, "group", rank, seq_idx, start, peak_pos,'
-        " peak_value, acts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", erows)
+        'INSERT INTO example_blocks (source_id, feature_idx, "group", n, "window", data)'
+        " VALUES (?, ?, ?, ?, ?, ?)", erows)
 
 
 def run_server(db: str, port: int, static_dir: str) -> None:
