@@ -11,25 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The activation histogram of a feature counts tokens over fixed log-spaced bins: bin 0 holds
-# activations <= 2**HIST_MIN_EXP (zero and negative values too), the last bin those >= 2**10, and
-# between them HIST_PER_OCTAVE bins per octave with edges 2**e * (1 + q/4). This is a copy of
-# workers.state.histogram_edges (the server imports no torch); a test keeps the two equal.
-HIST_MIN_EXP = -10
-HIST_MAX_EXP = 10
-HIST_PER_OCTAVE = 4
-HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_PER_OCTAVE + 2
-
-
-def histogram_edges() -> list[float]:
-    """The HIST_BINS + 1 edges: [0, 2**-10, 2**-10 * 1.25, ..., 2**10, inf]."""
-    inner = [
-        2.0**e * (1 + q / HIST_PER_OCTAVE)
-        for e in range(HIST_MIN_EXP, HIST_MAX_EXP)
-        for q in range(HIST_PER_OCTAVE)
-    ]
-    return [0.0, *inner, 2.0**HIST_MAX_EXP, float("inf")]
-
 
 class Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -165,7 +146,7 @@ class FeatureStats(Out):
 class Histogram(Out):
     edges: list[float | None] = Field(
         description="HIST_BINS + 1 bin edges; the last is +inf, written null")
-    counts: list[int] = Field(description="tokens per bin; bin 0 holds activations <= 2**-10")
+    counts: list[int] = Field(description="tokens per bin; bin 0 holds activations below 2**-10")
 
 
 class ExampleOut(Out):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from support import assert_states_equal
 
+from app.histogram import HIST_BINS, histogram_edges
 from workers.accumulate import window_start
 from workers.corpus import load_dataset
 from workers.harvest import (
@@ -17,7 +18,7 @@ from workers.harvest import (
     run_harvest,
 )
 from workers.models import load_model
-from workers.state import HIST_BINS, histogram_edges, sample_keys
+from workers.state import sample_keys
 
 CFG = dict(top_k=5, n_ranges=2, per_range=3, window=16, batch_size=4, shard_sequences=8)
 

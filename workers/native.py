@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from workers.state import _HIST_BASE, _HIST_SHIFT, HIST_BINS
+from app.histogram import HIST_BASE, HIST_BINS, HIST_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ int64_t fs_offer(float *score, int64_t *seq, int32_t *pos, float *value, int64_t
 }
 """
 # The histogram's constants (workers/state.py) are compiled in.
-SOURCE = (f"#define SHIFT {_HIST_SHIFT}\n#define BASE {_HIST_BASE}\n#define NBINS {HIST_BINS}\n"
+SOURCE = (f"#define SHIFT {HIST_SHIFT}\n#define BASE {HIST_BASE}\n#define NBINS {HIST_BINS}\n"
           + SOURCE)
 
 _lock = threading.Lock()

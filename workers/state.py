@@ -13,27 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.histogram import HIST_BASE, HIST_BINS, HIST_SHIFT
+
 EMPTY_SEQ = torch.iinfo(torch.int64).max
-
-# Histogram bins: bin 0 holds activations <= 2**HIST_MIN_EXP (zero and negative values too), bin
-# NB-1 those >= 2**HIST_MAX_EXP, and between them HIST_PER_OCTAVE bins per octave whose edges are
-# 2**e * (1 + q/4): read off the float32 bit pattern, so binning costs one shift.
-HIST_MIN_EXP = -10
-HIST_MAX_EXP = 10
-HIST_PER_OCTAVE = 4
-HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_PER_OCTAVE + 2
-_HIST_SHIFT = 23 - 2  # keep the exponent and the top two mantissa bits
-_HIST_BASE = (127 + HIST_MIN_EXP) * HIST_PER_OCTAVE - 1
-
-
-def histogram_edges() -> list[float]:
-    """The HIST_BINS + 1 edges: [0, 2**-10, 2**-10 * 1.25, ..., 2**10, inf]."""
-    inner = [
-        2.0**e * (1 + q / HIST_PER_OCTAVE)
-        for e in range(HIST_MIN_EXP, HIST_MAX_EXP)
-        for q in range(HIST_PER_OCTAVE)
-    ]
-    return [0.0, *inner, 2.0**HIST_MAX_EXP, float("inf")]
 
 
 def batch_reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
@@ -42,7 +24,7 @@ def batch_reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
     acts: [batch, seq, n_features]; positions before `first` (the BOS) are ignored.
     Returns per (sequence, feature) the peak and trough with their positions, each [batch, F],
     and per feature the sum, sum of squares, count of active (> 0) tokens and histogram
-    counts [F, HIST_BINS].
+    counts [F, HIST_BINS] (the bins of app/histogram.py).
     """
     a = acts[:, first:, :].float()
     n_feat = a.shape[-1]
@@ -51,7 +33,7 @@ def batch_reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
     s = a.sum(dim=(0, 1), dtype=torch.float64)
     ss = (a * a).sum(dim=(0, 1), dtype=torch.float64)
     n_active = (a > 0).sum(dim=(0, 1))
-    k = ((a.contiguous().view(torch.int32) >> _HIST_SHIFT) - _HIST_BASE).clamp_(0, HIST_BINS - 1)
+    k = ((a.contiguous().view(torch.int32) >> HIST_SHIFT) - HIST_BASE).clamp_(0, HIST_BINS - 1)
     k = k.long() + torch.arange(n_feat, device=a.device) * HIST_BINS
     hist = torch.zeros(n_feat * HIST_BINS, dtype=torch.int64, device=a.device)
     hist.index_add_(0, k.flatten(), torch.ones(k.numel(), dtype=torch.int64, device=a.device))

@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 from app import urls
 from app.db import queries
 from app.db.tables import ExampleGroup
+from app.histogram import histogram_edges
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.present import pct, progress
 from app.routes.render import etag, json_headers, not_modified, page, render, wants_json
-from app.schemas import FeaturePage, histogram_edges
+from app.schemas import FeaturePage
 
 router = APIRouter()
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from app.db.queries import shortest_decimal
-from app.schemas import HIST_MAX_EXP, ExampleOut, FeatureStats, Histogram, histogram_edges
+from app.histogram import HIST_MAX_EXP, histogram_edges
+from app.schemas import ExampleOut, FeatureStats, Histogram
 
 _GLYPHS = {"\n": "↵", "\t": "⇥", "\r": "␍", "\x0b": "␋", "\x0c": "␌", "\x7f": "␡"}
 _EDGES = histogram_edges()

@@ -9,14 +9,8 @@ from sqlalchemy import select
 from support import stored_examples
 
 from app.db.tables import ExampleGroup, Feature, Sequence, Source, Vocabulary
-from app.schemas import (
-    ErrorOut,
-    FeaturePage,
-    HomePage,
-    ModelPage,
-    SourcePage,
-    histogram_edges,
-)
+from app.histogram import histogram_edges
+from app.schemas import ErrorOut, FeaturePage, HomePage, ModelPage, SourcePage
 
 
 def get_json(client, url, schema, status=200):
@@ -34,14 +28,6 @@ def feature_urls(client, web_db):
             if s.status == "ready":
                 for i in (0, 1, s.n_features // 2, s.n_features - 1):
                     yield m.slug, s, i
-
-
-def test_histogram_edges_are_a_copy_of_the_workers_ones():
-    from workers.state import HIST_BINS
-    from workers.state import histogram_edges as worker_edges
-
-    assert histogram_edges() == worker_edges()
-    assert len(histogram_edges()) == HIST_BINS + 1
 
 
 def test_every_page_validates_against_its_schema(client, web_db):

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from support import stored_examples
 
 from app.db.tables import ExampleGroup, Feature, Model, Sequence, Source, Vocabulary
-from app.schemas import NpFeature, histogram_edges
+from app.histogram import histogram_edges
+from app.schemas import NpFeature
 
 
 def stored(engine, model: str, source: str, index: int):

@@ -157,8 +157,9 @@ def test_static_assets_and_vendor(client):
 
 
 def test_histogram_plot_spans_the_used_bins():
+    from app.histogram import HIST_BINS, histogram_edges
     from app.routes.present import hist_plot
-    from app.schemas import HIST_BINS, Histogram, histogram_edges
+    from app.schemas import Histogram
 
     edges = [e if e != float("inf") else None for e in histogram_edges()]
     counts = [0] * HIST_BINS
