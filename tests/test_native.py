@@ -118,3 +118,37 @@ def test_offer_equals_ranked_offer(seed):
         assert torch.equal(nat.slot, ref.slot)
         assert len(slots) >= int(new.sum())
     assert all(torch.equal(win, want) for win, want in kept)
+
+
+def test_the_c_source_ships_in_the_wheel_and_builds_from_the_installed_package(tmp_path):
+    """A wheel of the project holds workers/native.c; installed from it (unpacked, away from the
+    source tree), the kernel reads its source from the package and compiles it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    for name in ("app", "workers"):
+        shutil.copytree(root / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tree / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(tree)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("featurescope-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("workers/native.c") == (root / "workers" / "native.c").read_bytes()
+        zf.extractall(tmp_path / "site")
+    code = ("from workers import native; print(native.__file__); "
+            "print(native.load() is not None and native.source() == open(0).read())")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"),
+           "FEATURESCOPE_NATIVE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         input=(root / "workers" / "native.c").read_text(), capture_output=True,
+                         text=True, timeout=300).stdout.split()
+    assert out == [str(tmp_path / "site" / "workers" / "native.py"), "True"]
+    assert len(list((tmp_path / "cache").glob("reduce-*.so"))) == 1
