@@ -87,7 +87,7 @@ def _insert_chunk(conn, rng, sid: int, feats: range, bottom: bool, hist_bins: in
 
     import numpy as np
 
-    from app.db.tables import EXAMPLE_HEAD
+    from app.db.tables import example_record
 
     groups = [(0, TOP_K)] + ([(1, N_BOTTOM)] if bottom else []) + [
         (2 + g, PER_RANGE) for g in range(N_RANGES)]
@@ -111,11 +111,11 @@ def _insert_chunk(conn, rng, sid: int, feats: range, bottom: bool, hist_bins: in
                 acts = ((rng.random((n, WINDOW)) < 0.15) * rng.uniform(0, 0.5, (n, WINDOW))
                         * peaks[:, None])
             acts[np.arange(n), pos - start] = peaks
-            acts = acts.astype("<f2")
-            data = b"".join(EXAMPLE_HEAD.pack(int(s), int(st), int(p), float(v)) + acts[r].tobytes()
-                            for r, (s, st, p, v) in enumerate(zip(
-                                rng.integers(0, N_SEQ, n), start, pos, peaks, strict=True)))
-            erows.append((sid, f, code, n, WINDOW, data))
+            rec = np.empty(n, dtype=example_record(WINDOW))
+            rec["acts"] = acts
+            rec["seq_idx"], rec["start"], rec["peak_pos"], rec["peak_value"] = (
+                rng.integers(0, N_SEQ, n), start, pos, peaks)
+            erows.append((sid, f, code, n, WINDOW, rec.tobytes()))
     conn.exec_driver_sql(
         "INSERT INTO features (source_id, idx, max_act, min_act, mean_act, std_act, frac_active,"
         " n_active, n_tokens, histogram, top_logits, bottom_logits, top_tokens)"

@@ -15,7 +15,6 @@ from app.db import queries
 from app.db.bulk import bulk_insert
 from app.db.engine import make_engine, upgrade
 from app.db.tables import (
-    EXAMPLE_HEAD,
     Dataset,
     ExampleBlock,
     Feature,
@@ -23,9 +22,17 @@ from app.db.tables import (
     PeakToken,
     Sequence,
     Source,
+    example_record,
 )
 
 N_FEATURES, N_SEQ, SEQ_LEN = 30_000, 2_000, 64
+
+
+def _block(seqs: list[int], window: int = 16) -> bytes:
+    """An example block of one record per sequence: window start 0, peak at 3 of value 1."""
+    rec = np.zeros(len(seqs), dtype=example_record(window))
+    rec["seq_idx"], rec["peak_pos"], rec["peak_value"] = seqs, 3, 1.0
+    return rec.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +69,7 @@ def pg_engine(request):
                   "[]", "[]", json.dumps([[1, 2]])) for i in range(N_FEATURES)))
             bulk_insert(session, ExampleBlock.__table__, (
                 "source_id", "feature_idx", "group", "n", "window", "data"),
-                ((sid, i, 0, 4, 16, b"".join(EXAMPLE_HEAD.pack((i * 7 + r) % N_SEQ, 0, 3, 1.0)
-                                             + b"\0\0" * 16 for r in range(4)))
+                ((sid, i, 0, 4, 16, _block([(i * 7 + r) % N_SEQ for r in range(4)]))
                  for i in range(N_FEATURES)))
             bulk_insert(session, PeakToken.__table__,
                         ("source_id", "token_id", "feature_idx", "count"),

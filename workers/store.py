@@ -19,6 +19,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from app.db.bulk import bulk_insert, copy_columns
 from app.db.engine import transaction
 from app.db.tables import (
+    SEQUENCE_TOKENS,
     Dataset,
     ExampleBlock,
     ExampleGroup,
@@ -29,7 +30,7 @@ from app.db.tables import (
     Source,
     SourceStatus,
     Vocabulary,
-    example_record_size,
+    example_record,
     utcnow,
 )
 from workers.accumulate import window_start
@@ -82,7 +83,7 @@ def _dataset_row(session, dataset) -> Dataset:
                   bos_policy=dataset.bos_policy, tokenizer_hash=dataset.tokenizer_hash)
     session.add(row)
     session.flush()
-    toks = dataset.tokens.to(torch.int32).numpy().astype("<i4")
+    toks = dataset.tokens.numpy().astype(SEQUENCE_TOKENS)
     rows = [{"dataset_id": row.id, "idx": i, "tokens": toks[i].tobytes()} for i in range(len(toks))]
     for i in range(0, len(rows), INSERT_CHUNK):
         session.execute(insert(Sequence), rows[i:i + INSERT_CHUNK])
@@ -219,14 +220,6 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
 
 
-def example_record(window: int) -> np.dtype:
-    """The numpy layout of one record of `example_blocks.data` (tables.EXAMPLE_HEAD + acts)."""
-    dt = np.dtype([("seq_idx", "<i4"), ("start", "<i2"), ("peak_pos", "<i2"),
-                   ("peak_value", "<f4"), ("acts", "<f2", (window,))])
-    assert dt.itemsize == example_record_size(window)
-    return dt
-
-
 def _example_blocks(source_id: int, group: int, ranking: Ranked, rows: torch.Tensor,
                     seq_len: int, first: int) -> list[np.ndarray | list[memoryview]]:
     """The example_blocks rows of one group for features first, first + 1, ..., one array (or
@@ -331,4 +324,4 @@ def finish(engine: Engine, reg: Registered, lm, dataset, specs: list[SourceSpec]
 
 
 def sequence_tokens(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<i4")
+    return np.frombuffer(blob, dtype=SEQUENCE_TOKENS)

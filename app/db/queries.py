@@ -16,10 +16,12 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from operator import itemgetter
 
+import numpy as np
 from sqlalchemy import Row, bindparam, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.tables import (
+    SEQUENCE_TOKENS,
     Dataset,
     ExampleBlock,
     ExampleGroup,
@@ -248,8 +250,8 @@ def acts_json(blob: bytes, n: int) -> bytes:
 
 
 def decode_tokens(blob: bytes, start: int, n: int) -> Seq[int]:
-    """Token ids start .. start+n of an int32 LE sequence blob."""
-    return struct.unpack_from(f"<{n}i", blob, start * 4)
+    """Token ids start .. start+n of a sequence blob (SEQUENCE_TOKENS)."""
+    return np.frombuffer(blob, SEQUENCE_TOKENS, n, start * SEQUENCE_TOKENS.itemsize).tolist()
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import struct
+from functools import lru_cache
 from typing import NamedTuple
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -83,6 +84,10 @@ class Dataset(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+SEQUENCE_TOKENS = np.dtype("<i4")
+"""The token ids of a stored sequence (`sequences.tokens`): little-endian int32."""
+
+
 class Sequence(Base):
     """One tokenized sequence, stored once and shared by every example that points into it."""
 
@@ -93,7 +98,7 @@ class Sequence(Base):
         ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
     )
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    tokens: Mapped[bytes] = mapped_column(LargeBinary, doc="int32 little-endian token ids")
+    tokens: Mapped[bytes] = mapped_column(LargeBinary, doc="token ids as SEQUENCE_TOKENS")
 
 
 class Source(Base):
@@ -170,20 +175,26 @@ class ExampleGroup(enum.IntEnum):
         raise ValueError(f"unknown example group {name!r}")
 
 
-EXAMPLE_HEAD = struct.Struct("<ihhf")
-"""The head of each example record in `example_blocks.data`: seq_idx (int32), window start
-(int16), peak position (int16) and the exact peak activation (float32). The window's
-activations follow it as `window` float16 values. Everything is little-endian."""
+EXAMPLE_HEAD = np.dtype([("seq_idx", "<i4"), ("start", "<i2"), ("peak_pos", "<i2"),
+                         ("peak_value", "<f4")])
+"""The head of each example record in `example_blocks.data`: the sequence, the window's start
+and the peak's position in the sequence, and the exact peak activation. Little-endian, packed."""
 
 
-def example_record_size(window: int) -> int:
-    return EXAMPLE_HEAD.size + 2 * window
+@lru_cache(maxsize=64)
+def example_record(window: int) -> np.dtype:
+    """One record of `example_blocks.data`: EXAMPLE_HEAD, then the activation at each of the
+    `window` tokens of the window as little-endian float16 (`acts`). The harvest's store writes
+    these and the server reads them; nothing else spells the layout."""
+    if window < 1:
+        raise ValueError(f"an example window holds at least one token, not {window}")
+    return np.dtype([*EXAMPLE_HEAD.descr, ("acts", "<f2", (window,))])
 
 
 class ExampleBlock(Base):
     """The examples of one feature in one group (top, bottom, quantile-N), in rank order, as
-    `n` packed records of `example_record_size(window)` bytes (see EXAMPLE_HEAD): each a
-    window of one sequence around where the feature peaked, with its activation at every token.
+    `n` packed records of `example_record(window)`: each a window of one sequence around where
+    the feature peaked, with its activation at every token.
 
     One row per group rather than per example: a source of 100,000 features is 700,000 rows
     instead of 6.5 million, and a feature page reads at most a handful of them.
@@ -206,7 +217,7 @@ class ExampleBlock(Base):
 
 class StoredExample(NamedTuple):
     """One example of a block, unpacked; acts is its window's float16 LE bytes, tokens (where a
-    reader filled it) its sequence's int32 LE token ids."""
+    reader filled it) its sequence's token ids as SEQUENCE_TOKENS bytes."""
 
     group: int
     rank: int
@@ -219,17 +230,19 @@ class StoredExample(NamedTuple):
 
 
 def unpack_examples(group: int, n: int, window: int, data: bytes) -> list[StoredExample]:
-    size = example_record_size(window)
-    head = EXAMPLE_HEAD
+    """The `n` records of an example block, in rank order."""
+    heads = _example_heads(window)
+    size, head = heads.itemsize, EXAMPLE_HEAD.itemsize
     if len(data) != n * size:
         raise ValueError(f"an example block of {n} records of {size} bytes holds {len(data)} bytes")
-    out = []
-    for rank in range(n):
-        at = rank * size
-        seq_idx, start, peak_pos, peak_value = head.unpack_from(data, at)
-        out.append(StoredExample(group, rank, seq_idx, start, peak_pos, peak_value,
-                                 data[at + head.size:at + size]))
-    return out
+    return [StoredExample(group, rank, *h, data[rank * size + head:(rank + 1) * size])
+            for rank, h in enumerate(np.frombuffer(data, dtype=heads, count=n).tolist())]
+
+
+@lru_cache(maxsize=64)
+def _example_heads(window: int) -> np.dtype:
+    """The head fields of `example_record(window)`, stepping over the acts."""
+    return example_record(window)[list(EXAMPLE_HEAD.names)]
 
 
 class PeakToken(Base):
