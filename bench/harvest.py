@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from app.cli import parse_layers
+from app.config import DEFAULT_MODEL, default_cache_dir
 from app.db.engine import make_engine, upgrade
 from workers import store
 from workers.corpus import load_dataset
@@ -73,7 +74,7 @@ def sqlite_bytes(path: Path, table: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--layers", default="all")
     p.add_argument("--sae", action="append", default=[])
@@ -84,7 +85,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true",
                    help="eager reductions (the CLI compiles them by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()))
     p.add_argument("--no-store", action="store_true", help="skip the bytes-on-disk measurement")
     args = p.parse_args()
 

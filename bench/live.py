@@ -25,7 +25,7 @@ import httpx
 import torch
 import uvicorn
 
-from app.config import Settings
+from app.config import DEFAULT_MODEL, Settings, default_cache_dir
 from app.db.engine import make_engine, upgrade
 from app.live import LiveLimits, LiveService
 from app.main import create_app
@@ -57,13 +57,13 @@ def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--layer", type=int, default=6, help="the neuron source the requests read")
     p.add_argument("--sae", default=None, help="also serve this SAE; requests read it instead")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--tokens", type=int, default=64, help="tokens per text, BOS included")
-    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = p.parse_args()
 
     torch.set_grad_enabled(False)

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from app.config import DEFAULT_MODEL, default_cache_dir
 from app.db.engine import make_engine, upgrade
+from app.histogram import HIST_BINS
 from workers import store
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, SourceSpec
-from workers.state import HIST_BINS, Ranked, SourceState, Stats
+from workers.state import Ranked, SourceState, Stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("FEATURESCOPE_TEST_PG_URL",
@@ -163,8 +165,8 @@ def ray_tokens_per_second(n_tokens: int) -> list[tuple[int, float]]:
     from workers.ray_backend import run_harvest_ray
 
     cfg = HarvestConfig(batch_size=8, shard_sequences=16)
-    plan = HarvestPlan(model="smollm2-135m-instruct", layers=list(range(6)), cfg=cfg,
-                       cache_dir=str(ROOT / "data" / "cache"))
+    plan = HarvestPlan(model=DEFAULT_MODEL, layers=list(range(6)), cfg=cfg,
+                       cache_dir=str(default_cache_dir()))
     lm = load_model(plan.model, cache_dir=Path(plan.cache_dir))
     ds = load_dataset("pydoc", lm.tokenizer, max_tokens=n_tokens)
     n_shards = Harvester(lm, ds.tokens, plan.sources(lm), cfg, bos_first=True).n_shards

