@@ -31,20 +31,21 @@ browser:
 	    (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
 	    echo "warning: chromium could not be installed; browser tests will skip"; }
 
-# The demo: every MLP neuron of SmolLM2-135M-Instruct, and a 4k-latent TopK SAE trained on the
-# residual stream after block 15, harvested together over Python's documentation.
+# The demo: every MLP neuron of the default model (SmolLM2-135M-Instruct), and a 4k-latent TopK
+# SAE trained on the residual stream after block 15, harvested together over the default
+# dataset (Python's documentation). The defaults are the CLI's (app/config.py).
 DEMO_SAE := $(FEATURESCOPE_DATA_DIR)/saes/15-res-sae-4k
 
 prepare: install
-	$(BIN)/featurescope prepare --datasets pydoc
+	$(BIN)/featurescope prepare
 
 $(DEMO_SAE)/cfg.json: | prepare
-	$(BIN)/featurescope train-sae --model smollm2-135m-instruct --dataset pydoc \
+	$(BIN)/featurescope train-sae \
 	  --hook blocks.15.hook_resid_post --features 4096 --k 32 --max-tokens 98304 \
 	  --out $(DEMO_SAE)
 
 harvest-demo: prepare $(DEMO_SAE)/cfg.json
-	$(BIN)/featurescope harvest --model smollm2-135m-instruct --dataset pydoc --layers all \
+	$(BIN)/featurescope harvest --layers all \
 	  --sae $(DEMO_SAE) --skip-existing
 
 run: harvest-demo
