@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import quote, urlencode
 
+from app.db.queries import PAGE_SIZE, default_order
+
 JSON_SUFFIX = ".json"
 
 
@@ -35,9 +37,15 @@ def model(model: str) -> str:
     return f"/{_seg(model)}"
 
 
-def source(model: str, source: str, **query: object) -> str:
-    """The feature list of a source; query: sort, order, limit, next."""
-    return _with_query(f"/{_seg(model)}/{_seg(source)}", query)
+def source(model: str, source: str, *, sort: str | None = None, order: str | None = None,
+           limit: int | None = None, next: str | None = None) -> str:
+    """The feature list of a source: sorted, ordered and cut into pages as asked, and `next`,
+    the page after a keyset token. A setting at its default is left out: one list, one URL."""
+    sort = sort or "index"
+    return _with_query(f"/{_seg(model)}/{_seg(source)}", {
+        "sort": None if sort == "index" else sort,
+        "order": None if order == default_order(sort) else order,
+        "limit": None if limit == PAGE_SIZE else limit, "next": next})
 
 
 def feature(model: str, source: str, index: int) -> str:

@@ -37,10 +37,18 @@ from app.db.tables import (
 
 MAX_ROWS = 500
 """The most rows one page of a list reads."""
+PAGE_SIZE = 100
+"""The rows of one page of a list whose URL names no limit."""
 MAX_SOURCES = 2000
 
 SORT_COLUMNS = {"index": Feature.idx, "max_act": Feature.max_act,
                 "frac_active": Feature.frac_active}
+
+
+def default_order(sort: str) -> str:
+    """The order of a feature list whose URL names none: by index ascending, by a measure
+    highest first."""
+    return "asc" if sort == "index" else "desc"
 
 _SOURCE_COLUMNS = (
     Source.id, Source.slug, Source.kind, Source.hook_name, Source.layer, Source.n_features,

@@ -22,7 +22,6 @@ from app.schemas import DatasetOut, FeatureRow, SaeMetrics, SourceDetail, Source
 
 router = APIRouter()
 
-DEFAULT_LIMIT = 100
 Sort = Literal["index", "max_act", "frac_active"]
 Order = Literal["asc", "desc"]
 
@@ -73,7 +72,7 @@ def source_detail(session, src: Row) -> SourceDetail:
       summary="A source and one page of its features")
 def source(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
            sort: Sort = "index", order: Order | None = None,
-           limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = DEFAULT_LIMIT,
+           limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = queries.PAGE_SIZE,
            next: Annotated[str | None, Query(max_length=400)] = None,
            jump: Annotated[int | None, Query(ge=0, le=MAX_INDEX,
                                              description="go to this feature")] = None):
@@ -83,7 +82,7 @@ def source(request: Request, session: SessionDep, model: ModelSlug, source: Sour
     tag = etag(request, src.version_hash if src.status == "ready" else None)
     if (cached := not_modified(request, tag)) is not None:
         return cached
-    order = order or ("asc" if sort == "index" else "desc")
+    order = order or queries.default_order(sort)
     desc = order == "desc"
     after = decode_next(next, sort, desc) if next else None
     rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc, after=after,
@@ -92,9 +91,7 @@ def source(request: Request, session: SessionDep, model: ModelSlug, source: Sour
     vocab = request.app.state.vocabs.get(session, model_id=src.model_id,
                                          tokenizer_hash=src.tokenizer_hash)
     token = encode_next(sort, desc, rows[-1]) if more else None
-    keep = {"sort": sort if sort != "index" else None,
-            "order": order if order != ("asc" if sort == "index" else "desc") else None,
-            "limit": limit if limit != DEFAULT_LIMIT else None}
+    keep = {"sort": sort, "order": order, "limit": limit}
     ctx = SourcePage(
         url=urls.source(model, source, **keep, next=next), model=model, source=source_detail(session, src), sort=sort, order=order, limit=limit,
         features=[FeatureRow(index=r.idx, max_act=r.max_act, frac_active=r.frac_active,
