@@ -24,10 +24,16 @@ from workers.state import (
 ReduceFn = Callable[[Tensor, int], tuple[Tensor, ...]]
 
 
+def window_lead(window: int) -> int:
+    """How many tokens of a window come before its peak, where the sequence allows: about three
+    quarters of it."""
+    return window - window // 4 - 1
+
+
 def window_start(pos: Tensor, seq_len: int, window: int) -> Tensor:
-    """Where the window around a peak at `pos` starts: about three quarters of it before the peak."""
-    before = window - window // 4 - 1
-    return (pos - before).clamp(0, seq_len - window)
+    """Where the window around a peak at `pos` starts: `window_lead` tokens before the peak,
+    moved inside the sequence."""
+    return (pos - window_lead(window)).clamp(0, seq_len - window)
 
 
 class Accumulator:

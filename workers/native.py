@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from app.histogram import HIST_BASE, HIST_BINS, HIST_SHIFT
+from workers.accumulate import window_lead
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def native_offer(ranking, score: Tensor, pos: Tensor, value: Tensor, seq0: int, 
     value = value.contiguous().float()
     out = scratch("offer-out", 3 * b * f, torch.int64).view(3, b * f)
     win = scratch("offer-windows", b * f * window, torch.float16).view(b * f, window)
-    before = window - window // 4 - 1  # as workers.accumulate.window_start
+    before = window_lead(window)
     n = lib.fs_offer(ranking.score.data_ptr(), ranking.seq.data_ptr(), ranking.pos.data_ptr(),
                      ranking.value.data_ptr(), ranking.slot.data_ptr(), size, f,
                      score.data_ptr(), pos.data_ptr(), value.data_ptr(), b, seq0, slot0,
