@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from app.config import default_cache_dir
+from app.db.tables import BosPolicy
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def load_dataset(
         )
     n_seq = int(tokens.shape[0])
     if n_seq == 0:
-        body = seq_len - (1 if policy == "bos-prepended" else 0)
+        body = seq_len - (1 if policy == BosPolicy.prepended else 0)
         if max_tokens is not None and max_tokens < seq_len:
             why = f"max_tokens={max_tokens} is less than seq_len={seq_len}"
         else:
@@ -228,7 +229,7 @@ def _tokenize(
     """``tokenize_documents`` plus the number of corpus tokens read (for error messages)."""
     bos = tokenizer.bos_token_id
     eos = tokenizer.eos_token_id
-    policy = "bos-prepended" if bos is not None else "none"
+    policy = BosPolicy.prepended if bos is not None else BosPolicy.none
     body = seq_len - (1 if bos is not None else 0)
     if body < 1:
         raise CorpusError(f"seq_len={seq_len} leaves no room for corpus tokens ({policy})")

@@ -39,6 +39,14 @@ class SourceStatus(enum.StrEnum):
     failed = "failed"
 
 
+class BosPolicy(enum.StrEnum):
+    """How the sequences of a dataset start: with the tokenizer's BOS token (never an example's
+    peak nor counted in the statistics), or with corpus text where the tokenizer has none."""
+
+    prepended = "bos-prepended"
+    none = "none"
+
+
 class SourceKind(enum.StrEnum):
     neurons = "neurons"
     sae = "sae"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app import urls
 from app.db import queries
-from app.db.tables import ExampleGroup
+from app.db.tables import BosPolicy, ExampleGroup
 from app.histogram import histogram_edges
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.present import pct, progress
@@ -77,7 +77,7 @@ def _head(src: Row, index: int, row: Row, texts, num: Callable[[float], object])
     return {
         "ok": True, "model": src.model_slug, "source": src.slug, "kind": src.kind,
         "hook_name": src.hook_name, "layer": src.layer, "n_features": src.n_features,
-        "dataset": src.dataset_slug, "bos_first": src.bos_policy == "bos-prepended",
+        "dataset": src.dataset_slug, "bos_first": src.bos_policy == BosPolicy.prepended,
         "index": index,
         "stats": {"max_act": num(row.max_act), "min_act": num(row.min_act),
                   "mean_act": num(row.mean_act), "std_act": num(row.std_act),
