@@ -6,9 +6,7 @@ import gzip
 import itertools
 import json
 import re
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,6 @@ from workers.corpus import (
     BUILTIN_DATASETS,
     CorpusError,
     TokenizedDataset,
-    _read_lazyload_db,
-    _RReader,
     iter_documents,
     load_dataset,
     prepare_builtin,
@@ -325,67 +321,7 @@ def test_slug_is_stable_url_safe_and_tracks_settings(tok):
     assert fixed.slug == "my-corpus-v2-9e7e7779df"
 
 
-# ---------------------------------------------------------------------------- R data (austen)
-
-
-def _xdr(*ints: int) -> bytes:
-    return struct.pack(f">{len(ints)}i", *ints)
-
-
-def _charsxp(s: str | None, latin1: bool = False) -> bytes:
-    if s is None:
-        return _xdr(9, -1)
-    raw = s.encode("latin-1" if latin1 else "utf-8")
-    return _xdr(9 | ((4 if latin1 else 8) << 12), len(raw)) + raw
-
-
-def _names_attr(names: list[str], first_symbol: bool) -> bytes:
-    """A pairlist `names = c(...)`; the symbol is written once, then by reference."""
-    sym = _xdr(1) + _charsxp("names") if first_symbol else _xdr((1 << 8) | 255)
-    return _xdr(2 | 0x400) + sym + _strsxp(names) + _xdr(254)
-
-
-def _strsxp(items: list[str | None], names: bytes = b"") -> bytes:
-    flags = 16 | (0x200 if names else 0)
-    return _xdr(flags, len(items)) + b"".join(_charsxp(s) for s in items) + names
-
-
-def _serialize(body: bytes) -> bytes:
-    return b"X\n" + _xdr(3, 0x40201, 0x30500, 5) + b"UTF-8" + body
-
-
-def test_r_reader_reads_character_vectors_and_lists():
-    lines = ["It is a truth universally acknowledged,", None, "café"]
-    inner = _strsxp(lines, names=_names_attr(["a", "b", "c"], first_symbol=True))
-    ints = _xdr(13, 2, 7, -3)
-    latin = _xdr(16, 1) + _charsxp("naïve", latin1=True)
-    body = _xdr(19 | 0x200, 3) + inner + ints + latin + _names_attr(["s", "i", "l"], False)
-    value = _RReader(_serialize(body)).read()
-    assert value == [lines, [7, -3], ["naïve"]]
-    assert value.attrs["names"] == ["s", "i", "l"]
-    assert value[0].attrs["names"] == ["a", "b", "c"]
-    with pytest.raises(CorpusError, match="SEXP type 4"):
-        _RReader(_serialize(_xdr(4))).read()  # environments are out of scope
-
-
-def test_lazyload_db_reader(tmp_path):
-    books = {"zeta": ["Z line", "", "end"], "prideprejudice": ["PRIDE AND PREJUDICE", "x"]}
-    rdb, entries = b"", []
-    for lines in books.values():
-        blob = _serialize(_strsxp(lines))
-        chunk = struct.pack(">I", len(blob)) + zlib.compress(blob)
-        entries.append(_xdr(13, 2, len(rdb), len(chunk)))
-        rdb += chunk
-    variables = _xdr(19 | 0x200, 2) + b"".join(entries) + _names_attr(list(books), True)
-    logical = _xdr(10, 1, 1)
-    index = _xdr(19 | 0x200, 2) + variables + logical
-    index += _names_attr(["variables", "compressed"], False)
-    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(_serialize(index)))
-    (tmp_path / "Rdata.rdb").write_bytes(rdb)
-    got = list(
-        _read_lazyload_db(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb", ["prideprejudice"])
-    )
-    assert got == [("prideprejudice", books["prideprejudice"]), ("zeta", books["zeta"])]
+# ---------------------------------------------------------------------------- Debian corpora
 
 
 @pytest.fixture(scope="module")
@@ -430,6 +366,26 @@ def test_without_a_cache_folder_the_settings_one_is_used(corpus_cache, monkeypat
     root = prepare_builtin("fortunes")
     assert root == prepare_builtin("fortunes", corpus_cache)
     assert root in (Path("/"), corpus_cache / "corpora" / "fortunes" / "root")
+
+
+def test_a_debian_corpus_that_cannot_be_had_is_a_corpus_error(tmp_path, monkeypatch):
+    if Path("/usr/share/games/fortunes/fortunes").is_file():
+        pytest.skip("fortunes is installed here: nothing to fetch")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
+    with pytest.raises(CorpusError, match=r"'fortunes' corpus needs the Debian package\(s\) "
+                       r"fortunes, fortunes-min.*apt-get or dpkg-deb is not available"):
+        prepare_builtin("fortunes", tmp_path)
+
+
+def test_unreadable_r_data_is_a_corpus_error(tmp_path):
+    data = tmp_path / "corpora/austen/root/usr/lib/R/site-library/janeaustenr/data"
+    if Path("/", *data.parts[-6:]).is_dir():
+        pytest.skip("r-cran-janeaustenr is installed here: its files are read instead")
+    data.mkdir(parents=True)
+    (data / "Rdata.rdx").write_bytes(gzip.compress(b"not R data"))
+    (data / "Rdata.rdb").write_bytes(b"")
+    with pytest.raises(CorpusError, match=r"janeaustenr/data: not an R XDR serialization"):
+        list(iter_documents("austen", cache_dir=tmp_path))
 
 
 def test_prepare_builtin(tmp_path):
