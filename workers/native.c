@@ -152,9 +152,9 @@ static void copy_half(const float *src, int64_t stride, int64_t n, uint16_t *dst
    (score desc, seq asc) order. Candidate row i (sequence seq0 + i) of feature f: cscore, cpos,
    cvalue at [i * F + f]; a score that is not > the last entry's (-inf, NaN) never enters.
    Each inserted candidate gets the next slot id, and its window of W tokens of `acts`
-   [B, T, F] (strides sb, st, sf; starting `before` tokens ahead of its position, kept inside the sequence) is
-   written as float16 to win[slot - slot0]. (feature, row, position) of each go to out_f,
-   out_b, out_pos (room for B * F). Returns how many were inserted. */
+   [B, T, F] (strides sb, st, sf; starting `before` tokens ahead of its position, kept inside
+   the sequence) is written as float16 to win[slot - slot0]. (feature, row, position) of each
+   go to out_f, out_b, out_pos (room for B * F). Returns how many were inserted. */
 int64_t fs_offer(float *score, int64_t *seq, int32_t *pos, float *value, int64_t *slot,
                  int64_t size, int64_t F, const float *cscore, const int64_t *cpos,
                  const float *cvalue, int64_t B, int64_t seq0, int64_t slot0,

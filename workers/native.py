@@ -15,8 +15,8 @@ score (they come from earlier sequences), which is the (score desc, seq asc) ord
 
 Both are in workers/native.c, shipped with the package. It is compiled once with the system C
 compiler into a cache folder and loaded with ctypes (no Python headers, no torch headers, no
-build step at install). Without a C compiler `load()`
-returns None and the harvest uses torch.compile or eager torch instead.
+build step at install). Without a C compiler `load()` returns None and the harvest uses
+torch.compile or eager torch instead.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ def default_order(sort: str) -> str:
     highest first."""
     return "asc" if sort == "index" else "desc"
 
+
 _SOURCE_COLUMNS = (
     Source.id, Source.slug, Source.kind, Source.hook_name, Source.layer, Source.n_features,
     Source.status, Source.progress_tokens, Source.total_tokens, Source.error,

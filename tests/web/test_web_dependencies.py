@@ -18,12 +18,12 @@ from support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Runs in a fresh interpreter, as `featurescope serve` runs uvicorn: the modules loaded before its
-# first line (site, .pth hooks) are set aside, distributions outside the declared closure (and
-# the project's own) are hidden as if not installed (an optional import of one falls back, a needed one fails), and the
-# pages are fetched over HTTP with the standard library only. It prints the HTTP statuses, the
-# top-level modules loaded since its first line, and the distributions of those that come from
-# site-packages.
+# Runs in a fresh interpreter, as `featurescope serve` runs uvicorn. The modules loaded before its
+# first line (site, .pth hooks) are set aside. Every installed distribution but the project's own
+# and those of the declared closure is hidden as if it were not installed: an optional import of
+# one falls back, a needed one fails. The pages are fetched over HTTP with the standard library
+# only. It prints the HTTP statuses, what it hid, the top-level modules loaded since its first
+# line, and the distributions of those that come from site-packages.
 SERVER = r"""
 import sys
 before = set(sys.modules)
