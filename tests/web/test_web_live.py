@@ -5,10 +5,10 @@ token; the 413 and 503 limits; the pages, in a real browser."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import CHROMIUM, fresh_pg_url, postgres_available, random_sae, serve_in_thread
+from support import disposing_engines, fresh_pg_url, needs_postgres, random_sae, serve_in_thread
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
@@ -76,17 +76,16 @@ class World:
 
 @pytest.fixture(scope="module",
                 params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def world(request, tiny_llama_dir, tmp_path_factory) -> World:
+def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
     """The world in a SQLite file, and in a fresh PostgreSQL database."""
     tmp = tmp_path_factory.mktemp("live")
     if request.param == "sqlite":
-        return World(tiny_llama_dir, tmp, f"sqlite:///{tmp / 'live.db'}")
-    reason = postgres_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI requires PostgreSQL)")
-        pytest.skip(reason)
-    return World(tiny_llama_dir, tmp, fresh_pg_url("fs_test_live"))
+        url = f"sqlite:///{tmp / 'live.db'}"
+    else:
+        needs_postgres()
+        url = fresh_pg_url("fs_test_live")
+    with disposing_engines(url):
+        yield World(tiny_llama_dir, tmp, url)
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +435,6 @@ def live_url(client):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed (make browser)")
 def test_browser_try_box_and_shared_search(browser, live_url, world, client, artifacts):
     """Type a text into the box on a feature page and see it highlighted; then open a search
     page's URL in a fresh page and get the same results."""
