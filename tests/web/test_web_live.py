@@ -391,7 +391,8 @@ def test_without_live_the_api_says_how_to_enable_it(off_client, world):
     out = _post(off_client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
                                                     "index": 0, "text": "x"}, 503)
     assert "serve --live" in out["error"]
-    assert _post(off_client, "/api/v1/search", {"model": world.lm.slug, "text": "x"}, 503)
+    out = _post(off_client, "/api/v1/search", {"model": world.lm.slug, "text": "x"}, 503)
+    assert "serve --live" in out["error"]
     page = off_client.get(f"/{world.lm.slug}/0-mlp/0").text
     assert "featurescope serve --live" in page and 'id="try-text"' in page
     assert "featurescope serve --live" in off_client.get("/search").text
