@@ -98,7 +98,7 @@ def assert_states_equal(a, b):
     """Two harvests' states are the same, feature for feature (sums to float64 rounding)."""
     import torch
 
-    assert set(a) == set(b)
+    assert a and set(a) == set(b)
     for slug in a:
         x, y = a[slug], b[slug]
         for name, r in x.rankings().items():

@@ -148,7 +148,7 @@ def test_feature_json_matches_the_stored_rows(client, web_db):
 def test_sae_source_has_no_bottom_examples_and_shows_its_metrics(client, web_db):
     fp = get_json(client, f"/{web_db.llama}/1-res-sae-48/3.json", FeaturePage)
     assert fp.kind == "sae" and fp.bottom == []
-    assert all(a >= 0 for e in fp.top for a in e.acts)
+    assert fp.top and all(a >= 0 for e in fp.top for a in e.acts)
     sp = get_json(client, f"/{web_db.llama}/1-res-sae-48.json", SourcePage)
     assert sp.source.metrics.l0 == 11.5 and sp.source.metrics.dead_fraction == 0.0208
     assert sp.source.sae_config["d_sae"] == 48
