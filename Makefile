@@ -29,7 +29,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
 	  { echo "installing chromium (apt)"; (apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
-	    echo "warning: chromium could not be installed; browser tests will skip"; }
+	    echo "warning: chromium could not be installed; browser tests will skip (and fail in CI)"; }
 
 # The demo: every MLP neuron of the default model (SmolLM2-135M-Instruct), and a 4k-latent TopK
 # SAE trained on the residual stream after block 15, harvested together over the default

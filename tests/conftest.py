@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import (
     build_tiny_gpt2,
     build_tiny_llama,
+    disposing_engines,
+    drop_pg_databases,
     fresh_pg_url,
     gpt2_tokenizer,
-    postgres_available,
+    needs_postgres,
     seed_everything,
 )
 
@@ -47,18 +50,25 @@ def tiny_model_dir(request, tiny_gpt2_dir, tiny_llama_dir) -> Path:
 # ---------------------------------------------------------------- databases
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _drop_pg_databases() -> Iterator[None]:
+    """The PostgreSQL databases the session made (fresh_pg_url) are dropped when it ends."""
+    yield
+    drop_pg_databases()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path) -> str:
+def db_url(request, tmp_path) -> Iterator[str]:
     """A fresh empty database: a SQLite file, or a new database on the PostgreSQL server.
+    Engines the test connects to it are disposed when it ends.
 
     In CI (CI=true) a missing PostgreSQL server is a failure, elsewhere the test skips.
     """
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'featurescope.db'}"
-    reason = postgres_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI requires PostgreSQL)")
-        pytest.skip(reason)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return fresh_pg_url(f"fs_test_{worker}_{abs(hash(request.node.nodeid)) % 10**8}")
+        url = f"sqlite:///{tmp_path / 'featurescope.db'}"
+    else:
+        needs_postgres()
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        url = fresh_pg_url(f"fs_test_{worker}_{abs(hash(request.node.nodeid)) % 10**8}")
+    with disposing_engines(url):
+        yield url

@@ -1,5 +1,6 @@
 """Test support shared by the test modules: tiny real models, the GPT-2 tokenizer, the
-PostgreSQL test server, harvest state comparison. (Imported by name, not through conftest:
+PostgreSQL test server and its throwaway databases, harvest state comparison, what a test
+needs installed (skipped here, a failure in CI). (Imported by name, not through conftest:
 two conftest modules live in this tree.)"""
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import random
 import socket
 import threading
 import time
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import pytest
 
@@ -20,6 +23,15 @@ if TYPE_CHECKING:
     from workers.sae import SAE
 
 PG_URL = os.environ.get("FEATURESCOPE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def skip_or_fail(reason: str, *, module: bool = False) -> NoReturn:
+    """Skip the calling test (or, with `module`, the whole module) because something it needs
+    is missing; in CI (the CI variable set) fail instead, so that nothing is left untested
+    there without anyone noticing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI requires it)", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -86,7 +98,7 @@ def assert_states_equal(a, b):
     """Two harvests' states are the same, feature for feature (sums to float64 rounding)."""
     import torch
 
-    assert set(a) == set(b)
+    assert a and set(a) == set(b)
     for slug in a:
         x, y = a[slug], b[slug]
         for name, r in x.rankings().items():
@@ -115,17 +127,90 @@ def postgres_available() -> str | None:
         return f"PostgreSQL at {PG_URL} is not reachable: {type(exc).__name__}: {exc}"
 
 
-def fresh_pg_url(name: str) -> str:
-    """A new empty schema-less database on the test server, dropped if it existed."""
+def needs_postgres() -> None:
+    """Skip (in CI: fail) the calling test where the PostgreSQL test server does not answer."""
+    reason = postgres_available()
+    if reason:
+        skip_or_fail(reason)
+
+
+_pg_databases: list[str] = []  # made by fresh_pg_url in this process, not yet dropped
+
+
+def _drop_pg_database(conn, name: str) -> None:
+    """End every connection to database `name` (engines a test left open), then drop it."""
     import sqlalchemy as sa
 
+    conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+def fresh_pg_url(name: str) -> str:
+    """A new empty schema-less database on the test server, named `name` and this process's
+    id (runs at the same time never share one), dropped first if it existed. Every database
+    made here is dropped again by drop_pg_databases() when the session ends."""
+    import sqlalchemy as sa
+
+    name = f"{name}_{os.getpid()}"
     admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
+    try:
+        with admin.connect() as conn:
+            _drop_pg_database(conn, name)
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    if name not in _pg_databases:
+        _pg_databases.append(name)
     base = PG_URL.rsplit("/", 1)[0]
     return f"{base}/{name}"
+
+
+def drop_pg_databases() -> None:
+    """Drop every database fresh_pg_url made in this process."""
+    import sqlalchemy as sa
+
+    if not _pg_databases:
+        return
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            while _pg_databases:
+                _drop_pg_database(conn, _pg_databases[0])
+                _pg_databases.pop(0)
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def disposing_engines(url: str) -> Iterator[None]:
+    """Every SQLAlchemy engine that connects to the database at `url` inside the block, whoever
+    made it, is disposed (its pooled connections closed) when the block ends."""
+    import sqlalchemy as sa
+
+    database = sa.make_url(url).database
+    seen: weakref.WeakSet = weakref.WeakSet()
+
+    def track(conn) -> None:
+        if conn.engine.url.database == database:
+            seen.add(conn.engine)
+
+    sa.event.listen(sa.engine.Engine, "engine_connect", track)
+    try:
+        yield
+    finally:
+        sa.event.remove(sa.engine.Engine, "engine_connect", track)
+        for engine in list(seen):
+            engine.dispose()
+
+
+def needs_c_compiler() -> None:
+    """Skip (in CI: fail) the calling test where the harvest's C loops could not be built."""
+    from workers import native
+
+    if native.load() is None:
+        skip_or_fail("no working C compiler: the native loops of workers/native.py are not "
+                     "built (install cc, or set CC)")
 
 
 HOOK = "blocks.1.hook_resid_post"
@@ -180,11 +265,13 @@ def serve_in_thread(app):
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-needs_chromium = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "
-                       "/usr/bin/chromium (make browser installs it)"),
-]
+
+
+def needs_chromium() -> None:
+    """Skip (in CI: fail) the calling test where Debian's Chromium is not installed."""
+    if not CHROMIUM.exists():
+        skip_or_fail(f"Debian's chromium is not installed at {CHROMIUM} (make browser "
+                     "installs it)")
 
 
 class StoredExample(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, text
 from support import stored_examples
 
 from app.cli import main, parse_layers
@@ -131,8 +132,8 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
             body = full[:, 1:, :]
             flat = body.reshape(-1, lm.d_mlp)
             feats = conn.execute(text(
-                "SELECT idx, max_act, min_act, frac_active FROM features WHERE source_id = :s "
-                "ORDER BY idx"), {"s": sid}).all()
+                "SELECT idx, max_act, min_act, frac_active, top_logits FROM features "
+                "WHERE source_id = :s ORDER BY idx"), {"s": sid}).all()
             assert len(feats) == 1536
             got_max = torch.tensor([f.max_act for f in feats])
             torch.testing.assert_close(got_max, flat.max(0).values, rtol=1e-4, atol=1e-4)
@@ -140,7 +141,11 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
             want_frac = (flat > 0).double().mean(0)
             assert (got_frac - want_frac).abs().max() <= 1.5 / flat.shape[0]
             peak, ppos = body.max(1)
-            for f in (0, 100, 777, 1535):
+            effects = lm.logit_effects(lm.mlp_out_directions(layer)[[0, 100, 777, 1535]])
+            for f, effect in zip((0, 100, 777, 1535), effects, strict=True):
+                # direct logit attribution: the neuron's output direction through the unembedding
+                top_logits = json.loads(feats[f].top_logits)
+                assert [t for t, _ in top_logits] == effect.topk(10).indices.tolist()
                 ex = stored_examples(conn, sid, f, 0)
                 want = sorted((-peak[s, f].item(), s) for s in range(24) if peak[s, f] > 0)[:20]
                 assert [e.seq_idx for e in ex] == [s for _, s in want]
@@ -152,9 +157,6 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
                     want_w = full[e.seq_idx, e.start:e.start + len(window), f]
                     np.testing.assert_allclose(window, want_w.half().float().numpy(),
                                                rtol=2e-3, atol=2e-3)
-        logits = conn.execute(select(text("top_logits")).select_from(text("features"))
-                              .limit(1)).scalar()
-        assert logits
     eng.dispose()
     live_answers_equal_stored_examples(db, tmp_path, lm, tokens)
 
@@ -195,24 +197,26 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     engine.dispose()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "/no/such/model"], "no model at"),
-    (["--dataset", "no-such-corpus"], "unknown dataset"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--layers", "7"], "layers 0..1"),
+@pytest.mark.parametrize("extra, status, message", [
+    (["--model", "/no/such/model"], 2, "no model at"),
+    (["--dataset", "no-such-corpus"], 2, "unknown dataset"),
+    (["--batch-size", "0"], 1, "--batch-size"),
+    (["--layers", "7"], 1, "layers 0..1"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, extra,
-                                      message):
+                                      status, message):
+    """The exit status and the message on stderr that the `featurescope` process ends with."""
     monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
     args = ["harvest", "--model", str(tiny_gpt2_dir), "--dataset", "pydoc", "--max-tokens",
             "256", "--seq-len", "32", "--no-compile", "-q", *extra]
     try:
         code = main(args)
-    except SystemExit as exc:  # argument errors exit from the parser's own checks
-        code, err = 2, str(exc)
+    except SystemExit as exc:  # as the interpreter exits on it: a message is printed, status 1
+        code, err = (1, exc.code) if isinstance(exc.code, str) else (exc.code, "")
+        err += capsys.readouterr().err
     else:
         err = capsys.readouterr().err
-    assert code == 2
+    assert code == status
     assert message in err
 
 

@@ -37,15 +37,9 @@ def _block(seqs: list[int], window: int = 16) -> bytes:
 
 @pytest.fixture(scope="module")
 def pg_engine(request):
-    from support import fresh_pg_url, postgres_available
+    from support import fresh_pg_url, needs_postgres
 
-    reason = postgres_available()
-    if reason:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI requires PostgreSQL)")
-        pytest.skip(reason)
+    needs_postgres()
     engine = make_engine(fresh_pg_url("fs_test_explain"))
     upgrade(engine)
     rng = np.random.default_rng(0)

@@ -150,10 +150,9 @@ def test_the_gpu_path_without_host_syncs_gives_the_same_state(setup):
 def test_the_native_cpu_path_gives_the_same_state(setup):
     """compile=True on the CPU reduces and ranks with the C loops of workers/native.py: the same
     state as eager torch (which the tests above check against brute force)."""
-    from workers import native
+    from support import needs_c_compiler
 
-    if native.load() is None:
-        pytest.skip("no C compiler")
+    needs_c_compiler()
     lm, ds, specs = setup
     eager, _ = harvest(lm, ds, specs, compile=False)
     fused, cfg = harvest(lm, ds, specs, compile=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import needs_c_compiler
 
 from workers import native
 from workers.accumulate import window_start
 from workers.state import EMPTY_SEQ, Ranked, batch_reduce
 
-pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler")
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled():
+    needs_c_compiler()
 
 
 def tricky(b: int, t: int, f: int, seed: int) -> torch.Tensor:

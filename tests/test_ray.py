@@ -8,13 +8,12 @@ import os
 import signal
 
 import pytest
+from support import assert_states_equal, skip_or_fail
 
-if os.environ.get("CI"):
-    import ray  # CI installs the 'ray' extra: a missing install is a failure there
-else:
-    ray = pytest.importorskip("ray", reason="the Ray backend needs the 'ray' extra")
-
-from support import assert_states_equal  # noqa: E402
+try:
+    import ray
+except ImportError:
+    skip_or_fail("the Ray backend needs the 'ray' extra", module=True)
 
 from workers.corpus import load_dataset  # noqa: E402
 from workers.harvest import Checkpoint, HarvestConfig, Harvester, run_harvest  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import BROWSER_ARGS, CHROMIUM, serve_in_thread
+from support import BROWSER_ARGS, CHROMIUM, needs_chromium, serve_in_thread
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
@@ -134,6 +134,8 @@ def live_server(app) -> str:
 
 @pytest.fixture(scope="session")
 def browser():
+    """Debian's headless Chromium; where it is missing the browser tests skip (in CI: fail)."""
+    needs_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

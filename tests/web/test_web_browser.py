@@ -6,14 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-from support import needs_chromium
 
 from app.routes.present import alpha, single
 from app.schemas import FeaturePage
 
 HTMX = Path(__file__).resolve().parents[2] / "static" / "vendor" / "htmx.min.js"
 
-pytestmark = needs_chromium
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ token; the 413 and 503 limits; the pages, in a real browser."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import CHROMIUM, fresh_pg_url, postgres_available, random_sae, serve_in_thread
+from support import disposing_engines, fresh_pg_url, needs_postgres, random_sae, serve_in_thread
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
@@ -76,17 +76,16 @@ class World:
 
 @pytest.fixture(scope="module",
                 params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def world(request, tiny_llama_dir, tmp_path_factory) -> World:
+def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
     """The world in a SQLite file, and in a fresh PostgreSQL database."""
     tmp = tmp_path_factory.mktemp("live")
     if request.param == "sqlite":
-        return World(tiny_llama_dir, tmp, f"sqlite:///{tmp / 'live.db'}")
-    reason = postgres_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI requires PostgreSQL)")
-        pytest.skip(reason)
-    return World(tiny_llama_dir, tmp, fresh_pg_url("fs_test_live"))
+        url = f"sqlite:///{tmp / 'live.db'}"
+    else:
+        needs_postgres()
+        url = fresh_pg_url("fs_test_live")
+    with disposing_engines(url):
+        yield World(tiny_llama_dir, tmp, url)
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +268,7 @@ def test_search_ranks_features_like_brute_force(client, world):
                 cands.append((-float(a[:, f].max()), order, f))
     cands.sort()
     want = [(sources[o], f) for _, o, f in cands[:12]]
+    assert len(want) == 12
     assert [(h["source"], h["index"]) for h in out["features"]] == want
     for h in out["features"]:
         col = acts[h["source"]][:, h["index"]]
@@ -300,7 +300,7 @@ def test_search_page_holds_its_query_and_matches_the_api(client, world):
     again = client.get(api["url"].replace("/search?", "/search.json?")).json()
     assert again == api
     page = client.get(api["url"])
-    assert page.status_code == 200
+    assert page.status_code == 200 and api["features"]
     for hit in api["features"][:5]:
         assert f'href="{hit["url"]}"' in page.text
     assert "for i in range(10):" in page.text  # the query, back in the box
@@ -340,6 +340,7 @@ def test_token_search_matches_brute_force(client, world):
         for ranked in per_feature.values():
             for t, _ in ranked:
                 common[t] = common.get(t, 0) + 1
+    assert len(common) >= 4
     for token_id in sorted(common, key=lambda t: -common[t])[:4]:
         out = client.get(f"/tokens.json?model={model}&id={token_id}&limit=500").json()
         want = {(slug, f, c) for slug, per in brute.items() for f, ranked in per.items()
@@ -358,7 +359,7 @@ def test_token_search_by_text_finds_the_spaced_token_too(client, world):
     bare, spaced = tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("Ġthe")
     out = client.get(f"/tokens.json?model={world.lm.slug}&token=the").json()
     assert [t["id"] for t in out["tokens"]] == [bare, spaced]
-    assert {x["token_id"] for x in out["features"]} <= {bare, spaced}
+    assert out["features"] and {x["token_id"] for x in out["features"]} <= {bare, spaced}
     page = client.get(f"/tokens?model={world.lm.slug}&token=the")
     assert page.status_code == 200 and f"#{spaced}" in page.text
     assert client.get("/tokens.json?model=nope&token=a").status_code == 404
@@ -392,7 +393,8 @@ def test_without_live_the_api_says_how_to_enable_it(off_client, world):
     out = _post(off_client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
                                                     "index": 0, "text": "x"}, 503)
     assert "serve --live" in out["error"]
-    assert _post(off_client, "/api/v1/search", {"model": world.lm.slug, "text": "x"}, 503)
+    out = _post(off_client, "/api/v1/search", {"model": world.lm.slug, "text": "x"}, 503)
+    assert "serve --live" in out["error"]
     page = off_client.get(f"/{world.lm.slug}/0-mlp/0").text
     assert "featurescope serve --live" in page and 'id="try-text"' in page
     assert "featurescope serve --live" in off_client.get("/search").text
@@ -436,7 +438,6 @@ def live_url(client):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed (make browser)")
 def test_browser_try_box_and_shared_search(browser, live_url, world, client, artifacts):
     """Type a text into the box on a feature page and see it highlighted; then open a search
     page's URL in a fresh page and get the same results."""

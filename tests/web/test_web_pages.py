@@ -6,9 +6,14 @@ from __future__ import annotations
 import html
 import re
 import struct
+from pathlib import Path
+
+from support import skip_or_fail
 
 from app.routes.present import alpha, cells, half, shown, single
 from app.schemas import FeaturePage, HomePage, ModelPage, SourcePage
+
+STATIC = Path(__file__).resolve().parents[2] / "static"
 
 
 def page(client, url, headers=None):
@@ -152,8 +157,23 @@ def test_cells_scale_negative_values_by_the_minimum(client, web_db):
 
 
 def test_static_assets_and_vendor(client):
-    assert client.get("/static/style.css").status_code == 200
-    assert client.get("/static/featurescope.js").status_code == 200
+    """The explorer's own CSS and JS, and htmx as static/fetch_vendor.sh vendors it from npm:
+    each served byte for byte, htmx from the URL the pages load it from, in the pinned version."""
+    for name in ("style.css", "featurescope.js"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (STATIC / name).read_bytes(), name
+    vendored = STATIC / "vendor" / "htmx.min.js"
+    if not vendored.is_file():
+        skip_or_fail("static/vendor/htmx.min.js is missing (static/fetch_vendor.sh installs it)")
+    src = re.search(r'<script src="(/static/vendor/htmx\.min\.js[^"]*)" defer>',
+                    page(client, "/").text)
+    assert src, "the pages do not load the vendored htmx"
+    r = client.get(html.unescape(src.group(1)))
+    assert r.status_code == 200 and r.content == vendored.read_bytes()
+    assert r.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    pinned = re.search(r'HTMX_VERSION:-([0-9.]+)', (STATIC / "fetch_vendor.sh").read_text())
+    assert (STATIC / "vendor" / "htmx.version").read_text().strip() == pinned.group(1)
+    assert f'version:"{pinned.group(1)}"' in r.text  # the file is that release of htmx
 
 
 def test_histogram_plot_spans_the_used_bins():
