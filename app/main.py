@@ -23,9 +23,20 @@ from app import urls
 from app.config import Settings
 from app.db.engine import make_engine
 from app.db.queries import VocabCache, half_table
-from app.live import LiveService, start_live
-from app.routes import api, docs, errors, features, models, neuronpedia, sources
-from app.routes import live as live_routes
+from app.model_queue import ModelQueue, start_live
+from app.routes import (
+    activations,
+    api,
+    docs,
+    errors,
+    features,
+    models,
+    neuronpedia,
+    search,
+    sources,
+    tokens,
+    trial,
+)
 from app.routes.present import GLOBALS
 
 log = logging.getLogger(__name__)
@@ -111,7 +122,7 @@ def tune_for_reads(engine: Engine) -> None:
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None,
-               live: LiveService | None = None) -> FastAPI:
+               live: ModelQueue | None = None) -> FastAPI:
     """The explorer over `engine` (default: settings.db_url). The schema must be up to date
     (`serve` upgrades it first). `live`: the loaded models for your own text (`serve --live`)."""
     app = FastAPI(title="featurescope",
@@ -129,7 +140,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Fixed paths (/docs, /api/..., /search, /tokens) before the /{model}/... patterns.
-    for module in (docs, api, neuronpedia, live_routes, features, models, sources):
+    for module in (docs, api, neuronpedia, activations, search, tokens, trial, features, models,
+                   sources):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app

@@ -27,12 +27,12 @@ import uvicorn
 
 from app.config import DEFAULT_MODEL, Settings, default_cache_dir
 from app.db.engine import make_engine, upgrade
-from app.live import LiveLimits, LiveService
 from app.main import create_app
+from app.model_queue import InferenceLimits, ModelQueue
 from workers import store
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-from workers.live import LiveModels
+from workers.inference import ServedModels
 from workers.models import load_model
 
 
@@ -85,10 +85,10 @@ def main() -> None:
         engine = make_engine(url)
         upgrade(engine)
         store.finish(engine, store.begin(engine, lm, ds, specs, cfg), lm, ds, specs, states, cfg)
-        models = LiveModels.load(engine, device="cpu", cache_dir=cache)
+        models = ServedModels.load(engine, device="cpu", cache_dir=cache)
         live_lm = models.model(lm.slug)
         app = create_app(Settings(database_url=url), engine=engine,
-                         live=LiveService(models, LiveLimits()))
+                         live=ModelQueue(models, InferenceLimits()))
         base, server, thread = serve(app)
 
         # Texts of exactly --tokens tokens: corpus windows that tokenize back to themselves.

@@ -168,8 +168,8 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
 
     from app.config import Settings
     from app.db.engine import make_engine
-    from app.live import start_live
     from app.main import create_app
+    from app.model_queue import start_live
 
     settings = Settings(data_dir=tmp_path, cache=SHARED_CACHE, database_url=f"sqlite:///{db}")
     engine = make_engine(settings.db_url)
@@ -229,8 +229,8 @@ def test_bfloat16_harvest_records_its_dtype_and_live_runs_in_it(tmp_path, monkey
 
     from app.config import Settings
     from app.db.engine import make_engine
-    from app.live import start_live
     from app.main import create_app
+    from app.model_queue import start_live
 
     monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
     db = tmp_path / "bf16.db"

@@ -10,6 +10,8 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.db import queries
+from app.inference_errors import InferenceOff
+from app.model_queue import ModelQueue
 
 SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_INDEX = 2**31 - 1
@@ -48,3 +50,15 @@ def load_source(session: Session, model: str, source: str) -> Row:
             raise not_found(f"unknown model {model!r}")
         raise not_found(f"model {model!r} has no source {source!r}")
     return row
+
+
+def invalid(what: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=what)
+
+
+def model_queue(request: Request) -> ModelQueue:
+    """The loaded models behind their queue; 503 saying how to start them on a server without."""
+    queue = request.app.state.live
+    if queue is None:
+        raise InferenceOff()
+    return queue

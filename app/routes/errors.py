@@ -1,5 +1,6 @@
 """One error shape: the JSON envelope {"ok": false, "status": ..., "error": ...} for JSON and API
-URLs, an error page for the others. Malformed input answers 422, unknown things 404."""
+URLs, an error page for the others. Malformed input answers 422, unknown things 404, and what
+the loaded models refuse (`app.inference_errors`) the status its error names."""
 
 from __future__ import annotations
 
@@ -9,10 +10,24 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from app.inference_errors import InferenceError
 from app.routes.render import is_htmx, wants_json
 from app.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
+
+
+def documented(*statuses: int) -> dict[int, dict]:
+    """The `responses` of an API route: the error envelope under each of these statuses."""
+    return {status: {"model": ErrorOut} for status in statuses}
+
+
+def described(exc: HTTPException | InferenceError) -> tuple[int, str, dict[str, str]]:
+    """(status, message, headers) of an error: what its answer says, or what a page that shows
+    errors in place of its result shows."""
+    if isinstance(exc, InferenceError):
+        return exc.status, str(exc), exc.headers
+    return exc.status_code, str(exc.detail), dict(exc.headers or {})
 
 
 def error_response(request: Request, status: int, message: str,
@@ -43,6 +58,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return error_response(request, exc.status_code, message, dict(exc.headers or {}))
 
 
+async def _inference_error(request: Request, exc: InferenceError) -> Response:
+    return error_response(request, *described(exc))
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     return error_response(request, 422, _describe(exc))
 
@@ -54,5 +73,6 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(InferenceError, _inference_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)

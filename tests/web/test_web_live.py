@@ -21,12 +21,12 @@ from support import disposing_engines, fresh_pg_url, needs_postgres, random_sae,
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
 from app.db.tables import ExampleBlock, PeakToken
-from app.live import LiveLimits, LiveService
 from app.main import create_app
+from app.model_queue import InferenceLimits, ModelQueue
 from workers import store
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-from workers.live import LiveModels
+from workers.inference import ServedModel, ServedModels
 from workers.models import load_model
 from workers.sae import sae_sources, save_sae
 
@@ -56,7 +56,7 @@ class World:
         reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
         store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, self.cfg)
         self.states = states
-        self.models = LiveModels.load(self.engine, device="cpu")
+        self.models = ServedModels.load(self.engine, device="cpu")
 
     def brute(self, ids: list[int]) -> dict[str, np.ndarray]:
         """Every source's activations at every token, straight from the model and the SAE."""
@@ -89,8 +89,8 @@ def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
 
 
 @pytest.fixture(scope="module")
-def live(world) -> LiveService:
-    return LiveService(world.models, LiveLimits(max_tokens=MAX_TOKENS, max_texts=4, max_wait=0.3))
+def live(world) -> ModelQueue:
+    return ModelQueue(world.models, InferenceLimits(max_tokens=MAX_TOKENS, max_texts=4, max_wait=0.3))
 
 
 @pytest.fixture(scope="module")
@@ -384,6 +384,74 @@ def test_older_databases_are_migrated_to_what_a_harvest_writes(world):
     upgrade(world.engine, "0001")
     upgrade(world.engine)
     assert dump() == before
+
+
+# ------------------------------------------------------------------ what the models refuse
+
+
+@pytest.fixture(scope="module")
+def partial_client(world):
+    """The same database served with only the model's 0-mlp source loaded."""
+    served = world.models.model(world.lm.slug)
+    models = ServedModels({world.lm.slug: ServedModel(served.lm,
+                                                      {"0-mlp": served.sources["0-mlp"]})})
+    app = create_app(Settings(database_url=world.url), engine=world.engine,
+                     live=ModelQueue(models, InferenceLimits(max_tokens=MAX_TOKENS)))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_a_source_not_loaded_is_the_envelope_with_503_and_a_hint(partial_client, world):
+    """The loaded models raise it; the one handler answers it like every other error."""
+    model = world.lm.slug
+    r = partial_client.post("/api/v1/activations", json={
+        "model": model, "source": "1-mlp", "index": 0, "text": "x = 1"})
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+    assert r.headers["cache-control"] == "no-store" and "retry-after" not in r.headers
+    assert r.json() == {"ok": False, "status": 503, "error": (
+        f"{model} has no live source '1-mlp'; live sources: 0-mlp (harvested sources are "
+        "served live when their model and SAE files load as they were harvested)")}
+    r = partial_client.get("/search.json", params={"model": model, "text": "x = 1",
+                                                   "sources": "0-mlp,1-res-sae-48"})
+    assert r.status_code == 503 and r.json()["status"] == 503
+    assert "no live source '1-res-sae-48'" in r.json()["error"]
+    # the search page and the try box show it in place
+    page = partial_client.get("/search", params={"model": model, "text": "x = 1",
+                                                 "sources": "1-mlp"})
+    assert page.status_code == 503 and 'id="search-results"' in page.text
+    assert "no live source &#39;1-mlp&#39;" in page.text
+    part = partial_client.get(f"/{model}/1-mlp/0/try", params={"text": "x = 1"},
+                              headers={"HX-Request": "true", "HX-Target": "try-result"})
+    assert part.status_code == 200 and part.text.lstrip().startswith('<div id="try-result"')
+    assert "no live source &#39;1-mlp&#39;" in part.text
+    # the source that is loaded still answers, and a search without sources keeps to it
+    out = _post(partial_client, "/api/v1/search", {"model": model, "text": "x = 1"})
+    assert out["sources"] == ["0-mlp"]
+
+
+def test_a_model_not_loaded_is_the_envelope_with_503(world):
+    app = create_app(Settings(database_url=world.url), engine=world.engine,
+                     live=ModelQueue(ServedModels({}), InferenceLimits()))
+    with TestClient(app) as client:
+        out = _post(client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
+                                                    "index": 0, "text": "x"}, 503)
+    assert out == {"ok": False, "status": 503, "error": (
+        f"model '{world.lm.slug}' is not loaded for live inference; loaded: none (harvested "
+        "sources are served live when their model and SAE files load as they were harvested)")}
+
+
+def test_token_ids_the_model_cannot_take_are_the_envelope_with_422(client, world):
+    """Checked by the loaded model, inside the queue: the same envelope."""
+    vocab = world.lm.vocab_size
+    out = _post(client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
+                                                "index": 0, "tokens": [1, vocab, 2]}, 422)
+    assert out == {"ok": False, "status": 422,
+                   "error": f"token ids out of the vocabulary (0 to {vocab - 1}): [{vocab}]"}
+    ids = [1, 2, 3]
+    ok = _post(client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
+                                               "index": 0, "tokens": ids})
+    np.testing.assert_allclose(ok["values"], world.brute(ids)["0-mlp"][:, 0], rtol=1e-5,
+                               atol=1e-6)
 
 
 # ------------------------------------------------------------------ without --live

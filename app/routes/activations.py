@@ -1,0 +1,99 @@
+"""One feature's activation at every token of your own text: `POST /api/v1/activations`, and
+the same shaped like Neuronpedia's `POST /api/activation/new`.
+
+Both run the model through the model queue (`app.model_queue`); without `serve --live` they
+answer 503 saying how to enable it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Row
+from sqlalchemy.orm import Session
+
+from app.db import queries
+from app.routes.deps import SessionDep, invalid, load_source, model_queue, not_found
+from app.routes.errors import documented
+from app.schemas import (
+    ActivationsIn,
+    ActivationsOut,
+    NpActivationNewIn,
+    NpActivationNewOut,
+    TextActivations,
+)
+
+if TYPE_CHECKING:
+    from workers.inference import Activations
+
+router = APIRouter()
+
+ERRORS = documented(404, 413, 422, 503)
+
+
+def ready_feature(session: Session, model: str, source: str, index: int) -> Row:
+    """The source row of a harvested feature, or a 404 that says what is missing."""
+    src = load_source(session, model, source)
+    if src.status != "ready":
+        raise not_found(f"{model}/{source} is not harvested yet")
+    if index >= src.n_features:
+        raise not_found(f"{model}/{source} has no feature {index}: it has features 0 to "
+                        f"{src.n_features - 1}")
+    return src
+
+
+def _text_out(ids: list[int], run: Activations, vocab: queries.Vocab) -> TextActivations:
+    return TextActivations(tokens=list(vocab.many(ids)), token_ids=ids,
+                           values=run.values.tolist(), max_value=run.max_value,
+                           max_index=run.max_index)
+
+
+@router.post("/api/v1/activations", response_model=ActivationsOut, responses=ERRORS,
+             summary="One feature's activation at every token of your own text")
+async def activations(request: Request, body: ActivationsIn, session: SessionDep):
+    given = [x for x in (body.text, body.texts, body.tokens) if x is not None]
+    if len(given) != 1:
+        raise invalid("give exactly one of text, texts or tokens")
+    queue = model_queue(request)
+    src = await run_in_threadpool(ready_feature, session, body.model, body.source, body.index)
+    vocab = await run_in_threadpool(request.app.state.vocabs.get, session,
+                                    model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+    if body.tokens is not None:
+        if not body.tokens:
+            raise invalid("tokens is empty")
+        queue.check_length(len(body.tokens))
+        runs = [list(body.tokens)]
+    else:
+        texts = body.texts if body.texts is not None else [body.text]
+        runs = await queue.tokenize(body.model, texts)
+    results = await queue.call(
+        lambda models: models.model(body.model).activations(body.source, body.index, runs))
+    outs = [_text_out(ids, run, vocab) for ids, run in zip(runs, results, strict=True)]
+    head = {"model": body.model, "source": body.source, "index": body.index,
+            "bos_first": src.bos_policy == "bos-prepended"}
+    if body.texts is not None:
+        out = ActivationsOut(**head, results=outs)
+    else:
+        out = ActivationsOut(**head, **outs[0].model_dump())
+    return Response(out.model_dump_json(exclude_none=True), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+@router.post("/api/activation/new", response_model=NpActivationNewOut, responses=ERRORS,
+             summary="Activations on your text, shaped like Neuronpedia's /api/activation/new")
+async def neuronpedia_activation(request: Request, body: NpActivationNewIn, session: SessionDep):
+    try:
+        index = int(body.feature.index)
+    except ValueError:
+        raise invalid(f"feature.index must be an integer, got {body.feature.index!r}") from None
+    if index < 0:
+        raise invalid("feature.index must be at least 0")
+    req = ActivationsIn(model=body.feature.modelId, source=body.feature.source, index=index,
+                        text=body.customText)
+    out = json.loads((await activations(request, req, session)).body)
+    values = out["values"]
+    return NpActivationNewOut(tokens=out["tokens"], values=values, maxValue=out["max_value"],
+                              maxValueTokenIndex=out["max_index"], minValue=min(values))
