@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from sqlalchemy import Engine, select
 
+from app.config import DEFAULT_MODEL
 from app.db.engine import transaction
 from app.db.tables import Model, Source, SourceStatus
 from app.inference_errors import BadInput, NotLoaded
 from workers.corpus import _encode, tokenizer_hash
 from workers.harvest import DTYPES
-from workers.models import DEFAULT_MODEL, LoadedModel, load_model
+from workers.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
