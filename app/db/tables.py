@@ -266,3 +266,58 @@ class PeakToken(Base):
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     count: Mapped[int] = mapped_column(SmallInteger)
+
+
+class Explanation(Base):
+    """A short text saying what a feature responds to, with who or what wrote it: the
+    explainer (`tokens`, `local`, `openai`, `human`), its model and its prompt's version.
+
+    Full-text search indexes `text`: an FTS5 table `explanations_fts` kept by triggers on
+    SQLite, a GIN index on `to_tsvector('english', text)` on PostgreSQL (migration 0004)."""
+
+    __tablename__ = "explanations"
+    __table_args__ = (Index("ix_explanations_feature", "source_id", "feature_idx"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"))
+    feature_idx: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    explainer: Mapped[str] = mapped_column(String(32))
+    explainer_model: Mapped[str] = mapped_column(String(200), default="",
+                                                 doc="empty where no language model wrote it")
+    prompt_version: Mapped[str] = mapped_column(String(32), default="")
+    author: Mapped[str | None] = mapped_column(String(128))
+    tokens_used: Mapped[int | None] = mapped_column(Integer, doc="prompt + completion tokens")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExplanationScore(Base):
+    """How well an explanation predicts where its feature fires, by one scorer (`detection`,
+    `fuzzing`, `simulation`) and scorer model, beside its control: the same scorer on the same
+    examples with the explanation of another feature."""
+
+    __tablename__ = "explanation_scores"
+    __table_args__ = (Index("ix_explanation_scores_explanation", "explanation_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    explanation_id: Mapped[int] = mapped_column(
+        ForeignKey("explanations.id", ondelete="CASCADE"))
+    scorer: Mapped[str] = mapped_column(String(32))
+    scorer_model: Mapped[str] = mapped_column(String(200), default="")
+    value: Mapped[float] = mapped_column(Float)
+    control: Mapped[float | None] = mapped_column(Float, doc="the score of the control explanation")
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExplanationVector(Base):
+    """An explanation's text embedding (float32 little-endian, unit length), for search by
+    meaning; `embedder` names the embedding model."""
+
+    __tablename__ = "explanation_vectors"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    explanation_id: Mapped[int] = mapped_column(
+        ForeignKey("explanations.id", ondelete="CASCADE"), primary_key=True)
+    embedder: Mapped[str] = mapped_column(String(100))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
