@@ -143,6 +143,67 @@ def test_normalize_activations_as_saelens_defines_them(how, tmp_path):
     torch.testing.assert_close(sae(x), undo(f @ t["W_dec"] + t["b_dec"]), rtol=1e-4, atol=1e-3)
 
 
+def test_topk_rescaled_by_decoder_norms_as_saelens_defines_it(tmp_path):
+    """rescale_acts_by_decoder_norm (what SAELens's TopK trainer writes, decoder rows of norm
+    0.1): the pre-activations times each decoder row's norm go into the TopK; decode divides
+    them back out."""
+    t = tensors_for(16, 32)
+    t["W_dec"] = t["W_dec"] * 0.1 / t["W_dec"].norm(dim=-1, keepdim=True)
+    cfg = {"d_in": 16, "d_sae": 32, "k": 5, "architecture": "topk",
+           "rescale_acts_by_decoder_norm": True, "metadata": {"hook_name": HOOK}}
+    sae = load_sae(write_saelens(tmp_path / "rescaled", cfg, t))
+    assert sae.cfg.rescale_acts_by_decoder_norm
+    x = torch.randn(6, 16) * 4
+    norms = t["W_dec"].norm(dim=-1)
+    h = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms
+    vals, idx = h.topk(5, dim=-1)
+    want = torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
+    torch.testing.assert_close(sae.encode(x), want, rtol=1e-5, atol=1e-5)
+    plain = formula(t, x, "topk", k=5)
+    assert not torch.allclose(sae.encode(x), plain)  # about 10x, not a rounding difference
+    torch.testing.assert_close(sae(x), (want / norms) @ t["W_dec"] + t["b_dec"])
+    torch.testing.assert_close(sae.output_directions(), t["W_dec"] / norms[:, None])
+    save_sae(sae, tmp_path / "again")
+    assert load_sae(tmp_path / "again").cfg.rescale_acts_by_decoder_norm
+
+
+REFUSED = {
+    "hook_head_index": ({"metadata": {"hook_name": HOOK, "hook_head_index": 3}},
+                        "hook_head_index=3"),
+    "hook_point_head_index": ({"hook_point": HOOK, "hook_point_head_index": 0},
+                              "hook_head_index=0"),
+    "reshape_activations": ({"hook_name": HOOK, "reshape_activations": "hook_z"},
+                            "reshape_activations='hook_z'"),
+    "activation_fn": ({"hook_name": HOOK, "activation_fn_str": "tanh-relu"},
+                      "activation_fn='tanh-relu'"),
+    "activation_fn_kwargs": ({"hook_name": HOOK, "activation_fn": "topk",
+                              "activation_fn_kwargs": {"k": 4, "postact_fn": "relu"}},
+                             r"activation_fn_kwargs \['postact_fn'\]"),
+    "rescale on a standard SAE": ({"hook_name": HOOK, "rescale_acts_by_decoder_norm": True},
+                                  "rescale_acts_by_decoder_norm is only defined for topk"),
+    "normalize_activations": ({"hook_name": HOOK, "normalize_activations": "whiten"},
+                              "unknown normalize_activations 'whiten'"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_keys_that_change_encode_and_are_not_implemented_are_refused_by_name(name, tmp_path):
+    cfg, message = REFUSED[name]
+    write_saelens(tmp_path / "sae", {"d_in": 16, "d_sae": 32, **cfg}, tensors_for(16, 32))
+    with pytest.raises(SAEFormatError, match=message):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("how", ["expected_average_only_in", "covariance_whitening"])
+def test_normalizations_saelens_folds_at_the_end_of_training_encode_raw(how, tmp_path):
+    t = tensors_for(16, 32)
+    cfg = {"d_in": 16, "d_sae": 32, "hook_name": HOOK, "architecture": "standard",
+           "normalize_activations": how, "reshape_activations": "none", "hook_head_index": None}
+    sae = load_sae(write_saelens(tmp_path / how, cfg, t))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(sae.encode(x), formula(t, x, "standard"))
+
+
 def test_gemma_scope_params_npz(tmp_path):
     t = tensors_for(16, 32, threshold=True)
     folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_82"

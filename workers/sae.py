@@ -3,12 +3,12 @@ params.npz, and the SAE sources of a harvest.
 
 An SAE reads activations x [..., d_in] at one hook point:
     pre  = norm(x) - b_dec * apply_b_dec_to_input
-    h    = pre @ W_enc + b_enc                      W_enc [d_in, d_sae], b_enc [d_sae]
+    h    = (pre @ W_enc + b_enc) * (|W_dec| if rescale_acts_by_decoder_norm)
     f    = ReLU(h) | TopK(k)(h) | ReLU(h) * (h > threshold)    (standard | topk | jumprelu)
-    x̂    = unnorm(f @ W_dec + b_dec)                W_dec [d_sae, d_in], b_dec [d_in]
-with `norm` as SAELens defines normalize_activations ("none" and "expected_average_only_in" are
-the identity at inference, "constant_norm_rescale" scales each token to norm sqrt(d_in),
-"layer_norm" centres and scales it).
+    x̂    = unnorm((f / (|W_dec| if rescale_acts_by_decoder_norm)) @ W_dec + b_dec)
+with W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], |W_dec| [d_sae] the
+norms of the decoder rows, and `norm` as SAELens defines normalize_activations (see
+`workers.sae_config`, which reads cfg.json and refuses what is not implemented here).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,95 +27,16 @@ from torch import Tensor, nn
 
 from workers.harvest import SourceSpec
 from workers.models import parse_hook_name
+from workers.sae_config import UNSCALED_NORMALIZATIONS, SAEConfig, SAEFormatError
 
 log = logging.getLogger(__name__)
 
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE = "cfg.json", "sae_weights.safetensors", "training_metrics.json"
-ARCHITECTURES = ("standard", "topk", "jumprelu")
-NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 METRIC_KEYS = ("l0", "variance_explained", "loss_recovered", "dead_fraction", "mse", "ce_clean",
                "ce_spliced", "ce_zero_ablation", "n_tokens_trained")
 _SLUG_KIND = {"hook_resid_post": "res", "hook_resid_pre": "res-pre", "hook_mlp_out": "mlp",
               "hook_attn_out": "att", "mlp.hook_post": "mlp-post"}
 _GEMMA_SCOPE_KIND = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
-
-
-class SAEFormatError(ValueError):
-    """An SAE file that cannot be read, or that does not fit the model it is used with."""
-
-
-@dataclass
-class SAEConfig:
-    """The fields of an SAELens cfg.json that decide what the SAE computes (others kept in
-    `extra`, written back unchanged)."""
-
-    d_in: int
-    d_sae: int
-    hook_name: str
-    architecture: str = "topk"
-    k: int | None = None
-    apply_b_dec_to_input: bool = True
-    normalize_activations: str = "none"
-    dtype: str = "float32"
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.architecture == "relu":
-            self.architecture = "standard"
-        if self.architecture not in ARCHITECTURES:
-            raise SAEFormatError(f"unsupported SAE architecture {self.architecture!r}; supported: "
-                                 f"{', '.join(ARCHITECTURES)}")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise SAEFormatError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
-        if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
-            raise SAEFormatError(f"a topk SAE needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}")
-        if self.normalize_activations not in NORMALIZATIONS:
-            raise SAEFormatError(f"unknown normalize_activations {self.normalize_activations!r}; "
-                                 f"known: {', '.join(NORMALIZATIONS)}")
-
-    @property
-    def layer(self) -> int | None:
-        m = re.match(r"blocks\.(\d+)\.", self.hook_name)
-        return int(m.group(1)) if m else None
-
-    @property
-    def tensor_names(self) -> tuple[str, ...]:
-        base = ("W_enc", "b_enc", "W_dec", "b_dec")
-        return (*base, "threshold") if self.architecture == "jumprelu" else base
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAEConfig:
-        """Any SAELens cfg.json: flat (before 6.0; `hook_point` before 3.0) or with `metadata`."""
-        meta = d.get("metadata") or d.get("meta") or {}
-        hook = d.get("hook_name") or d.get("hook_point") or meta.get("hook_name")
-        arch = d.get("architecture", "standard")
-        act_fn = d.get("activation_fn") or d.get("activation_fn_str")
-        k = d.get("k") or (d.get("activation_fn_kwargs") or {}).get("k")
-        if arch == "standard" and act_fn == "topk":  # SAELens 4-5 stored TopK SAEs this way
-            arch = "topk"
-        norm = d.get("normalize_activations") or "none"
-        if isinstance(norm, bool):
-            norm = "expected_average_only_in" if norm else "none"
-        missing = [n for n, v in (("d_in", d.get("d_in")), ("d_sae", d.get("d_sae")),
-                                  ("hook_name", hook)) if v is None]
-        if missing:
-            raise SAEFormatError(f"cfg.json lacks {', '.join(missing)}")
-        known = {f.name for f in fields(cls)} | {"hook_layer", "hook_point"}  # derived, renamed
-        return cls(d_in=int(d["d_in"]), d_sae=int(d["d_sae"]), hook_name=hook, architecture=arch,
-                   k=None if k is None else int(k),
-                   apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
-                   normalize_activations=norm, dtype=str(d.get("dtype") or "float32"),
-                   extra={key: v for key, v in d.items() if key not in known})
-
-    def to_dict(self) -> dict:
-        """A flat SAELens cfg.json (SAELens 6 reads it through its pre-6.0 path)."""
-        out = {**self.extra, "d_in": self.d_in, "d_sae": self.d_sae, "hook_name": self.hook_name,
-               "hook_layer": self.layer, "architecture": self.architecture,
-               "apply_b_dec_to_input": self.apply_b_dec_to_input,
-               "normalize_activations": self.normalize_activations, "dtype": self.dtype}
-        if self.architecture == "topk":
-            out["k"] = self.k
-        return out
 
 
 class SAE(nn.Module):
@@ -149,13 +69,20 @@ class SAE(nn.Module):
             return (x - mu) / (std + 1e-5), (std, mu)
         return x, None
 
+    def decoder_norms(self) -> Tensor:
+        """[d_sae]: the norm of each decoder row."""
+        return self.W_dec.norm(dim=-1)
+
     def pre_acts(self, x: Tensor) -> Tensor:
-        """[..., d_in] -> h [..., d_sae]: one matmul in the SAE's dtype."""
+        """[..., d_in] -> h [..., d_sae]: one matmul in the SAE's dtype (times the decoder
+        norms for a topk SAE with rescale_acts_by_decoder_norm, as SAELens's TopKSAE does)."""
         x, _ = self._normalize(x.to(self.W_enc.dtype))
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         lead = x.shape[:-1]
         h = torch.addmm(self.b_enc, x.reshape(-1, self.cfg.d_in), self.W_enc)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            h = h * self.decoder_norms()
         return h.view(*lead, self.cfg.d_sae)
 
     def activate(self, h: Tensor) -> Tensor:
@@ -171,7 +98,16 @@ class SAE(nn.Module):
 
     def decode(self, f: Tensor) -> Tensor:
         """[..., d_sae] -> [..., d_in], in the normalized space (see forward)."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            f = f / self.decoder_norms()
         return f @ self.W_dec + self.b_dec
+
+    def output_directions(self) -> Tensor:
+        """[d_sae, d_in]: what one unit of each feature's activation adds to the reconstruction
+        (W_dec's rows, divided by their norms where the activations carry them)."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            return self.W_dec / self.decoder_norms()[:, None]
+        return self.W_dec
 
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction of x [..., d_in], mapped back through normalize_activations."""
@@ -322,9 +258,11 @@ def sae_sources(lm, specs: list[str], *, device: str | torch.device = "cpu") -> 
     for spec in specs:
         sae = load_sae(spec, device=device)
         cfg, where = sae.cfg, str(spec)
-        if cfg.normalize_activations == "expected_average_only_in":
-            log.warning("%s: normalize_activations is expected_average_only_in: like SAELens, the "
-                        "activations are encoded unscaled (fold the scaling factor first)", where)
+        if cfg.normalize_activations in UNSCALED_NORMALIZATIONS:
+            log.warning("%s: normalize_activations is %s: like SAELens, the activations are "
+                        "encoded as they are (its statistics are not in the files; SAELens folds "
+                        "them into the weights when training ends)", where,
+                        cfg.normalize_activations)
         try:
             dim = lm.hook_shape_dim(cfg.hook_name)
         except UnknownHookPoint as exc:
@@ -342,7 +280,7 @@ def sae_sources(lm, specs: list[str], *, device: str | torch.device = "cpu") -> 
         layer, kind = parse_hook_name(cfg.hook_name)
 
         def directions(sae=sae, layer=layer, kind=kind) -> Tensor:
-            w = sae.W_dec.detach().float()
+            w = sae.output_directions().detach().float()
             return w @ lm.mlp_out_directions(layer).to(w.device) if kind == "mlp.hook_post" else w
 
         path = split_spec(spec)[0]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.sae import ARCHITECTURES, SAE, SAEConfig, save_sae
+from workers.sae import SAE, SAEConfig, save_sae
+from workers.sae_config import ARCHITECTURES
 from workers.sae_eval import evaluate
 
 log = logging.getLogger(__name__)
