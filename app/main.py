@@ -32,6 +32,7 @@ from app.routes import (
     features,
     models,
     neuronpedia,
+    neuronpedia_live,
     search,
     sources,
     tokens,
@@ -140,8 +141,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Fixed paths (/docs, /api/..., /search, /tokens) before the /{model}/... patterns.
-    for module in (docs, api, neuronpedia, activations, search, tokens, trial, features, models,
-                   sources):
+    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, tokens, trial,
+                   features, models, sources):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app

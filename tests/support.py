@@ -234,6 +234,64 @@ def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, 
     return sae.requires_grad_(False)
 
 
+class LiveWorld:
+    """A tiny Llama harvested (neurons of layers 0 and 1, and a TopK SAE saved to its files)
+    into the database at `url`, and its models loaded for live inference."""
+
+    SEQ_LEN = 32
+    SAE_HOOK = HOOK
+
+    def __init__(self, model_dir, tmp, url: str):
+        from app.db.engine import make_engine, upgrade
+        from workers import store
+        from workers.corpus import load_dataset
+        from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
+        from workers.inference import ServedModels
+        from workers.models import load_model
+        from workers.sae import sae_sources, save_sae
+
+        self.lm = load_model(str(model_dir))
+        sae = random_sae("topk", d_in=self.lm.d_model, d_sae=48, hook=self.SAE_HOOK, seed=3)
+        self.sae_dir = save_sae(sae, tmp / "sae")
+        self.sae = sae
+        self.cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=8,
+                                 shard_sequences=64)
+        self.ds = load_dataset("pydoc", self.lm.tokenizer, seq_len=self.SEQ_LEN,
+                               max_tokens=24 * self.SEQ_LEN)
+        self.specs = neuron_sources(self.lm, [0, 1]) + sae_sources(self.lm, [str(self.sae_dir)])
+        states = run_harvest(Harvester(self.lm, self.ds.tokens, self.specs, self.cfg,
+                                       bos_first=True))
+        self.url = url
+        self.engine = make_engine(self.url)
+        upgrade(self.engine)
+        reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
+        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, self.cfg)
+        self.states = states
+        self.models = ServedModels.load(self.engine, device="cpu")
+
+    def ids(self, text: str) -> list[int]:
+        """A text's token ids as the corpus was tokenized: BOS first."""
+        return [self.lm.tokenizer.bos_token_id] + self.lm.tokenizer(
+            text, add_special_tokens=False)["input_ids"]
+
+    def brute(self, ids: list[int]) -> dict:
+        """Every source's activations at every token, straight from the model and the SAE:
+        {slug: [T, F] float32 numpy array}."""
+        import torch
+
+        out = {}
+        hooks = [s.hook_name for s in self.specs]
+
+        def take(name, act):
+            for s in self.specs:
+                if s.hook_name == name:
+                    a = act if s.kind == "neurons" else self.sae.encode(act)
+                    out[s.slug] = a[0].float().numpy().copy()
+
+        self.lm.run_with_hooks(torch.tensor([ids]), hooks, take)
+        return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

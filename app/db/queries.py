@@ -181,6 +181,18 @@ def max_acts(session: Session, *, source_id: int, indices: Seq[int]) -> dict[int
     return dict(session.execute(q).all())
 
 
+def feature_stats(session: Session, *, source_id: int, indices: Seq[int]
+                  ) -> dict[int, tuple[float, float]]:
+    """(max_act, frac_active) of each of these features of a source (read MAX_ROWS at a
+    time)."""
+    wanted, out = sorted(set(indices)), {}
+    for i in range(0, len(wanted), MAX_ROWS):
+        q = (select(Feature.idx, Feature.max_act, Feature.frac_active)
+             .where(Feature.source_id == source_id, Feature.idx.in_(wanted[i:i + MAX_ROWS])))
+        out.update({idx: (mx, frac) for idx, mx, frac in session.execute(q)})
+    return out
+
+
 def random_index(session: Session, *, source_id: int, n_features: int,
                  rng: random.Random | None = None) -> int | None:
     """A random feature that fired somewhere (max_act > 0), or any feature if none did."""

@@ -1,13 +1,12 @@
-"""One feature's activation at every token of your own text: `POST /api/v1/activations`, and
-the same shaped like Neuronpedia's `POST /api/activation/new`.
+"""One feature's activation at every token of your own text: `POST /api/v1/activations` (the
+same shaped like Neuronpedia's is in `app.routes.neuronpedia_live`).
 
-Both run the model through the model queue (`app.model_queue`); without `serve --live` they
-answer 503 saying how to enable it.
+It runs the model through the model queue (`app.model_queue`); without `serve --live` it
+answers 503 saying how to enable it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
@@ -18,13 +17,7 @@ from sqlalchemy.orm import Session
 from app.db import queries
 from app.routes.deps import SessionDep, invalid, load_source, model_queue, not_found
 from app.routes.errors import documented
-from app.schemas import (
-    ActivationsIn,
-    ActivationsOut,
-    NpActivationNewIn,
-    NpActivationNewOut,
-    TextActivations,
-)
+from app.schemas import ActivationsIn, ActivationsOut, TextActivations
 
 if TYPE_CHECKING:
     from workers.inference import Activations
@@ -80,20 +73,3 @@ async def activations(request: Request, body: ActivationsIn, session: SessionDep
         out = ActivationsOut(**head, **outs[0].model_dump())
     return Response(out.model_dump_json(exclude_none=True), media_type="application/json",
                     headers={"Cache-Control": "no-store"})
-
-
-@router.post("/api/activation/new", response_model=NpActivationNewOut, responses=ERRORS,
-             summary="Activations on your text, shaped like Neuronpedia's /api/activation/new")
-async def neuronpedia_activation(request: Request, body: NpActivationNewIn, session: SessionDep):
-    try:
-        index = int(body.feature.index)
-    except ValueError:
-        raise invalid(f"feature.index must be an integer, got {body.feature.index!r}") from None
-    if index < 0:
-        raise invalid("feature.index must be at least 0")
-    req = ActivationsIn(model=body.feature.modelId, source=body.feature.source, index=index,
-                        text=body.customText)
-    out = json.loads((await activations(request, req, session)).body)
-    values = out["values"]
-    return NpActivationNewOut(tokens=out["tokens"], values=values, maxValue=out["max_value"],
-                              maxValueTokenIndex=out["max_index"], minValue=min(values))

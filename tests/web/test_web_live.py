@@ -16,67 +16,21 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import disposing_engines, fresh_pg_url, needs_postgres, random_sae, serve_in_thread
+from support import LiveWorld, disposing_engines, fresh_pg_url, needs_postgres, serve_in_thread
 
 from app.config import Settings
-from app.db.engine import make_engine, upgrade
+from app.db.engine import upgrade
 from app.db.tables import ExampleBlock, PeakToken
 from app.main import create_app
 from app.model_queue import InferenceLimits, ModelQueue
-from workers import store
-from workers.corpus import load_dataset
-from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.inference import ServedModel, ServedModels
-from workers.models import load_model
-from workers.sae import sae_sources, save_sae
 
-SEQ_LEN = 32
 MAX_TOKENS = 48
-SAE_HOOK = "blocks.1.hook_resid_post"
-
-
-class World:
-    """A tiny Llama harvested (neurons of layers 0 and 1, and an SAE) into a SQLite file."""
-
-    def __init__(self, model_dir, tmp, url: str):
-        self.lm = load_model(str(model_dir))
-        sae = random_sae("topk", d_in=self.lm.d_model, d_sae=48, hook=SAE_HOOK, seed=3)
-        self.sae_dir = save_sae(sae, tmp / "sae")
-        self.sae = sae
-        self.cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=8,
-                                 shard_sequences=64)
-        self.ds = load_dataset("pydoc", self.lm.tokenizer, seq_len=SEQ_LEN,
-                               max_tokens=24 * SEQ_LEN)
-        self.specs = neuron_sources(self.lm, [0, 1]) + sae_sources(self.lm, [str(self.sae_dir)])
-        states = run_harvest(Harvester(self.lm, self.ds.tokens, self.specs, self.cfg,
-                                       bos_first=True))
-        self.url = url
-        self.engine = make_engine(self.url)
-        upgrade(self.engine)
-        reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
-        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, self.cfg)
-        self.states = states
-        self.models = ServedModels.load(self.engine, device="cpu")
-
-    def brute(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """Every source's activations at every token, straight from the model and the SAE."""
-        out = {}
-        x = torch.tensor([ids])
-        hooks = [s.hook_name for s in self.specs]
-
-        def take(name, act):
-            for s in self.specs:
-                if s.hook_name == name:
-                    a = act if s.kind == "neurons" else self.sae.encode(act)
-                    out[s.slug] = a[0].float().numpy().copy()
-
-        self.lm.run_with_hooks(x, hooks, take)
-        return out
 
 
 @pytest.fixture(scope="module",
                 params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
+def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[LiveWorld]:
     """The world in a SQLite file, and in a fresh PostgreSQL database."""
     tmp = tmp_path_factory.mktemp("live")
     if request.param == "sqlite":
@@ -85,7 +39,7 @@ def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
         needs_postgres()
         url = fresh_pg_url("fs_test_live")
     with disposing_engines(url):
-        yield World(tiny_llama_dir, tmp, url)
+        yield LiveWorld(tiny_llama_dir, tmp, url)
 
 
 @pytest.fixture(scope="module")
@@ -185,18 +139,6 @@ def test_activations_match_brute_force(client, world):
                 {"model": model, "source": "0-mlp", "index": 3, "text": texts[0]})
     assert set(one) >= {"tokens", "token_ids", "values", "max_value", "max_index"}
     assert "results" not in one
-
-
-def test_neuronpedia_activation_new_gives_the_same_values(client, world):
-    text = "class A(object):\n    pass"
-    ours = _post(client, "/api/v1/activations",
-                 {"model": world.lm.slug, "source": "1-mlp", "index": 9, "text": text})
-    theirs = _post(client, "/api/activation/new", {
-        "feature": {"modelId": world.lm.slug, "source": "1-mlp", "index": "9"},
-        "customText": text})
-    assert theirs == {"tokens": ours["tokens"], "values": ours["values"],
-                      "maxValue": ours["max_value"], "maxValueTokenIndex": ours["max_index"],
-                      "minValue": min(ours["values"])}
 
 
 @pytest.mark.parametrize("body, status, words", [

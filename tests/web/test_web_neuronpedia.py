@@ -1,5 +1,6 @@
-"""GET /api/feature/{model}/{source}/{index}: Neuronpedia's fields, checked one by one against
-the stored rows, and a script written for Neuronpedia run against it."""
+"""GET /api/feature/{model}/{source}/{index} and /api/source-set/{model}/{name}: Neuronpedia's
+fields, checked one by one against the stored rows; a script written for Neuronpedia run
+against them; the lists' 404. (Its own client runs in test_web_neuronpedia_client.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from sqlalchemy import select
 from support import stored_examples
 
-from app.db.tables import ExampleGroup, Feature, Model, Sequence, Source, Vocabulary
+from app.db.tables import Dataset, ExampleGroup, Feature, Model, Sequence, Source, Vocabulary
 from app.histogram import histogram_edges
-from app.schemas import NpFeature
+from app.neuronpedia_schemas import NpFeature
 
 
 def stored(engine, model: str, source: str, index: int):
@@ -64,8 +65,11 @@ def test_fields_match_the_stored_feature(client, web_db, source, index):
     top = [r for r in rows if r.group == ExampleGroup.top]
     quantile = sorted((r for r in rows if r.group >= ExampleGroup.quantile),
                       key=lambda r: (-r.group, -r.peak_value))
-    assert len(acts) == len(top) + len(quantile)
-    for a, row in zip(acts, top + quantile, strict=True):
+    # Neuronpedia orders a feature's activations by maxValue, highest first
+    ordered = sorted(top + quantile, key=lambda r: -r.peak_value)
+    sample = [r.peak_value for r in quantile]  # every sampled sequence where it fired
+    assert len(acts) == len(ordered) and sample
+    for a, row in zip(acts, ordered, strict=True):
         window = struct.unpack(f"<{len(row.acts) // 2}e", row.acts)
         ids = struct.unpack(f"<{len(seqs[row.seq_idx]) // 4}i", seqs[row.seq_idx])
         assert a["tokens"] == [vocab[t] for t in ids[row.start:row.start + len(window)]]
@@ -77,14 +81,28 @@ def test_fields_match_the_stored_feature(client, web_db, source, index):
             f"<{len(values)}e", *[v for i, v in enumerate(window) if i != peak])
         assert a["minValue"] == min(a["values"])
         assert a["dataIndex"] == str(row.seq_idx)
-        assert (a["modelId"], a["layer"], a["index"]) == (web_db.llama, source, str(index))
-        if row.group == ExampleGroup.top:
-            assert (a["binMin"], a["binMax"], a["binContains"]) == (-1, -1, -1)
-        else:
-            assert a["binMin"] <= a["maxValue"] <= a["binMax"]
-            assert 0 < a["binContains"] <= 1
-    assert [a["maxValue"] for a in acts[:len(top)]] == sorted(
-        (a["maxValue"] for a in acts[:len(top)]), reverse=True)
+        assert (a["modelId"], a["layer"], a["source"], a["index"]) == (
+            web_db.llama, source, source, str(index))
+        group = [r.peak_value for r in rows if r.group == row.group]
+        assert (a["binMin"], a["binMax"]) == (min(group), max(group))
+        assert a["binContains"] == sum(min(group) <= p <= max(group) for p in sample) / len(
+            sample)
+        assert 0 < a["binContains"] <= 1 if row.group != ExampleGroup.top else (
+            0 <= a["binContains"] <= 1)  # the sample may hold none of the top range
+    assert [a["maxValue"] for a in acts] == sorted((a["maxValue"] for a in acts), reverse=True)
+    assert acts[0]["binMax"] == feat.max_act
+    if len(quantile) == len(top):  # it fired in so few sequences that they are all in both
+        assert acts[0]["binContains"] == 1.0
+
+    with web_db.engine.connect() as conn:
+        ds = conn.execute(select(Dataset).where(Dataset.id == src.dataset_id)).one()
+        m = conn.execute(select(Model).where(Model.slug == web_db.llama)).one()
+    assert data["model"] == {"id": m.slug, "displayName": m.slug, "layers": m.n_layers,
+                             "dimension": m.d_model, "neuronsPerLayer": m.d_mlp}
+    assert data["source"] == {
+        "id": source, "modelId": web_db.llama, "setName": source.split("-", 1)[1],
+        "hookName": src.hook_name, "hasDashboards": True, "inferenceEnabled": False,
+        "dataset": ds.slug, "num_prompts": ds.n_sequences, "num_tokens_in_prompt": ds.seq_len}
     assert np.explanations == [] and np.activations[0].id.startswith(web_db.llama)
 
 
@@ -111,3 +129,44 @@ def test_a_neuronpedia_script_runs_with_another_base_url(live_server, client, we
     assert density == page["stats"]["frac_active"]
     assert top_logit == page["top_logits"][0]["text"]
     assert len(mids) == len(heights) > 0 and sum(heights) == sum(page["histogram"]["counts"][1:])
+
+
+def test_source_set_lists_the_sources_of_the_set(client, web_db):
+    with web_db.engine.connect() as conn:
+        model = conn.execute(select(Model).where(Model.slug == web_db.llama)).one()
+        rows = conn.execute(select(Source).where(Source.model_id == model.id)
+                            .order_by(Source.layer, Source.slug)).all()
+    for name in ("mlp", "res-sae-48"):
+        r = client.get(f"/api/source-set/{web_db.llama}/{name}")
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert (data["name"], data["modelId"], data["urls"]) == (name, web_db.llama, [])
+        want = [s for s in rows if s.slug.split("-", 1)[1] == name]
+        assert [s["id"] for s in data["sources"]] == [s.slug for s in want]
+        assert [s["hookName"] for s in data["sources"]] == [s.hook_name for s in want]
+        assert {s["setName"] for s in data["sources"]} == {name}
+    r = client.get(f"/api/source-set/{web_db.llama}/res-sae-7")
+    assert r.status_code == 404 and "res-sae-48" in r.json()["error"]
+    assert client.get("/api/source-set/nope/mlp").json()["status"] == 404
+
+
+@pytest.mark.parametrize("path", ["/api/list/get", "/api/list/get/", "/api/list/list/"])
+def test_lists_answer_404_in_the_envelope(client, path):
+    r = client.post(path, json={"listId": "x"}, follow_redirects=False)
+    assert r.status_code == 404
+    assert r.json() == {"ok": False, "status": 404,
+                        "error": "lists are not available on this server yet"}
+
+
+@pytest.mark.parametrize("path", ["/api/activation/new", "/api/activation/source",
+                                  "/api/search-all", "/api/search-topk-by-token"])
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_live_endpoints_answer_with_and_without_the_slash(client, web_db, path, slash):
+    """Found, with or without the slash Neuronpedia's client adds, never redirected: on a
+    server without --live, the 503 that says how to enable it."""
+    body = {"modelId": web_db.llama, "source": "1-mlp", "sourceSet": "mlp", "text": "hi",
+            "customText": "hi", "feature": {"modelId": web_db.llama, "layer": "1-mlp",
+                                            "index": "3"}}
+    r = client.post(path + slash, json=body, follow_redirects=False)
+    assert r.status_code == 503, r.text
+    assert "serve --live" in r.json()["error"]

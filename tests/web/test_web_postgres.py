@@ -7,7 +7,8 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.schemas import ErrorOut, FeaturePage, HomePage, ModelPage, NpFeature, SourcePage
+from app.neuronpedia_schemas import NpFeature
+from app.schemas import ErrorOut, FeaturePage, HomePage, ModelPage, SourcePage
 
 
 @pytest.mark.postgres
