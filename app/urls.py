@@ -4,7 +4,8 @@ glues paths together.
 Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`, and the
 searches `/search` (by text) and `/tokens` (by token); each also answers as JSON with `.json`
 appended (`json()` below). Actions that compute live under
-`/api/v1/`; the Neuronpedia-compatible feature endpoint under `/api/feature/`.
+`/api/v1/`; the Neuronpedia-compatible endpoints under Neuronpedia's own paths (`/api/feature/`,
+`/api/search-all`, ...).
 """
 
 from __future__ import annotations
