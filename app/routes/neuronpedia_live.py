@@ -75,6 +75,22 @@ def _neurons(session: Session, model: str, slug: str, src_id: int,
                         frac_nonzero=frac) for i, (mx, frac) in stats.items()}
 
 
+def _ready_source(session: Session, model: str, source: str):
+    src = load_source(session, model, source)
+    if src.status != "ready":
+        raise not_found(f"{model}/{source} is not harvested yet")
+    return src
+
+
+async def _prepare(request: Request, session: Session, model: str, source: str,
+                   texts: str | list[str]):
+    """(queue, source row, vocabulary, token ids of each text) for a request on one source."""
+    queue = model_queue(request)
+    src = await run_in_threadpool(_ready_source, session, model, source)
+    vocab = await run_in_threadpool(_vocab, request, session, src)
+    return queue, src, vocab, await queue.tokenize(model, _texts(texts))
+
+
 @_post("/api/activation/new", response_model=NpLiveActivation | list[NpLiveActivation],
        summary="One feature's activations on your text(s), shaped like Neuronpedia's "
        "/api/activation/new")
@@ -107,10 +123,8 @@ async def activation_new(request: Request, body: NpActivationNewIn, session: Ses
        summary="Every feature of a source on your text(s): the non-zero values, shaped like "
        "Neuronpedia's /api/activation/source")
 async def activation_source(request: Request, body: NpSourceActivationsIn, session: SessionDep):
-    queue = model_queue(request)
-    src = await run_in_threadpool(_ready_source, session, body.modelId, body.source)
-    vocab = await run_in_threadpool(_vocab, request, session, src)
-    runs = await queue.tokenize(body.modelId, _texts(body.customText))
+    queue, src, vocab, runs = await _prepare(request, session, body.modelId, body.source,
+                                             body.customText)
 
     def compute(models):
         served = models.model(body.modelId)
@@ -121,13 +135,6 @@ async def activation_source(request: Request, body: NpSourceActivationsIn, sessi
     return _answer(NpSourceActivationsOut(results=[
         NpActiveFeatures(tokens=list(vocab.many(ids)), activeFeatures=active)
         for ids, active in zip(runs, found, strict=True)]))
-
-
-def _ready_source(session: Session, model: str, source: str):
-    src = load_source(session, model, source)
-    if src.status != "ready":
-        raise not_found(f"{model}/{source} is not harvested yet")
-    return src
 
 
 def _search_sources(session: Session, body: NpSearchAllIn) -> tuple[object, dict[str, object]]:
@@ -200,10 +207,8 @@ async def search_all(request: Request, body: NpSearchAllIn, session: SessionDep)
        summary="Each token's top features of a source on your text(s), shaped like "
        "Neuronpedia's /api/search-topk-by-token")
 async def search_topk_by_token(request: Request, body: NpTopkIn, session: SessionDep):
-    queue = model_queue(request)
-    src = await run_in_threadpool(_ready_source, session, body.modelId, body.source)
-    vocab = await run_in_threadpool(_vocab, request, session, src)
-    runs = await queue.tokenize(body.modelId, _texts(body.text))
+    queue, src, vocab, runs = await _prepare(request, session, body.modelId, body.source,
+                                             body.text)
 
     def compute(models):
         served = models.model(body.modelId)
