@@ -7,34 +7,13 @@ loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from workers.sae import SAE
-
-
-@contextmanager
-def splice(lm, hook_name: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Replace the activation at hook_name by fn(act) in every forward pass inside the block."""
-    module, how = lm._module_for(*lm._check(hook_name))
-    if how == "out":
-        def hook(mod, args, out):
-            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-        handle = module.register_forward_hook(hook)
-    else:
-        def hook(mod, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.inference_mode()
@@ -63,7 +42,7 @@ def evaluate(lm, sae: SAE, tokens: Tensor, *, first: int, batch_size: int) -> di
     for b0 in range(0, tokens.shape[0], batch_size):
         ids = tokens[b0:b0 + batch_size].to(lm.device)
         for key, fn in (("ce_clean", None), ("ce_spliced", recon), ("ce_zero", zero)):
-            with splice(lm, sae.cfg.hook_name, fn) if fn else nullcontext():
+            with lm.editing({sae.cfg.hook_name: fn}) if fn else nullcontext():
                 logits = lm.hf_model(input_ids=ids, use_cache=False).logits
             acc[key] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                               ids[:, 1:].flatten(), reduction="sum"))
