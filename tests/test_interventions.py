@@ -427,3 +427,76 @@ def test_patching_refuses_what_it_cannot_do(ioi):
         sweep(lm, clean, corrupted, a, w, kinds=["embed"])
     with pytest.raises(TooLong, match="patched runs"):
         sweep(lm, clean, corrupted, a, w, kinds=["resid", "heads"], max_runs=10)
+
+
+# ------------------------------------------------------------------ the real default model
+
+
+@pytest.mark.slow
+def test_default_model_interventions_against_their_definitions():
+    """SmolLM2-135M: no steering is the default exactly, additive steering is the hand-added
+    vector, a zeroed neuron is its zeroed down-projection column, an ablated SAE feature is its
+    subtracted decoder share; on the indirect-object prompts the model prefers the right name,
+    a whole clean layer restores exactly 1 and no patch 0, and the heads of a layer patched
+    together are its attention output."""
+    from pathlib import Path
+
+    from app.config import DEFAULT_MODEL
+
+    lm = load_model(DEFAULT_MODEL, cache_dir=Path(__file__).resolve().parents[1] / "data" / "cache")
+    sae = random_sae("topk", d_in=lm.d_model, d_sae=64, hook="blocks.15.hook_resid_post", seed=5)
+    served = ServedModel(lm, {
+        "15-mlp": ServedSource("15-mlp", "neurons", "blocks.15.mlp.hook_post", lm.d_mlp),
+        "sae": ServedSource("sae", "sae", sae.cfg.hook_name, 64, encode=sae.encode, sae=sae)})
+    ids = served.tokenize("The capital of France is")
+    kw = dict(n_tokens=8, temperature=0.7, seed=4, top_logprobs=3)
+    default, zero = steer(served, ids, [SteerFeature("15-mlp", 100, 0.0)], **kw)
+    assert zero == default and steer(served, ids, [], **kw) == (default, default)
+    _, steered = steer(served, ids, [SteerFeature("15-mlp", 100, 6.0)], **kw)
+
+    def shift(x):
+        y = x.clone()
+        y[..., 100] += 6.0
+        return y
+
+    handle = _by_hand(_down_proj(lm, 15), shift, pre=True)
+    try:
+        assert generate(lm, ids, **kw) == steered
+    finally:
+        handle.remove()
+
+    text = served.tokenize("def add(a, b):\n    return a + b\n\nprint(add(1, 2))")
+    res = ablate(served, text, [Ablation("15-mlp", 777)])
+    w = _down_proj(lm, 15).weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[:, 777].zero_()
+    try:
+        _, want = _losses(lm, text)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    np.testing.assert_array_equal(res.loss_ablated, want)
+    f = sae.encode(_capture(lm, text, sae.cfg.hook_name))
+    index = int(f.sum(0).argmax())
+    res = ablate(served, text, [Ablation("sae", index)])
+    handle = _by_hand(_blocks(lm)[15], lambda x: x - sae.encode(x)[..., index:index + 1]
+                      * sae.W_dec[index], pre=False)
+    try:
+        _, want = _losses(lm, text)
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(res.loss_ablated, want)
+
+    clean, corrupted = served.tokenize(CLEAN), served.tokenize(CORRUPTED)
+    a, w_ = served.tokenize(" Mary")[-1], served.tokenize(" John")[-1]
+    whole = [tuple(Site(f"blocks.{L}.hook_resid_pre", position=p) for p in range(len(clean)))
+             for L in (0, 15, 29)]
+    heads = [tuple(Site(f"blocks.{L}.attn.hook_z", head=h) for h in range(lm.n_heads))
+             for L in (9, 20)]
+    attn = [(Site(f"blocks.{L}.hook_attn_out"),) for L in (9, 20)]
+    values, ld_clean, ld_corr, _ = run_patches(lm, clean, corrupted, a, w_,
+                                               whole + [()] + heads + attn)
+    assert ld_clean > 1 and ld_corr < -1  # " Mary" after the clean prompt, " John" after the other
+    assert values[:4].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert values[4:6].tolist() == values[6:8].tolist()
