@@ -35,7 +35,7 @@ from app.intervention_schemas import (
 from app.routes.activations import ready_feature
 from app.routes.deps import SessionDep, invalid, model_queue, not_found
 from app.routes.errors import described, documented, validation_message
-from app.routes.render import is_htmx, page, render
+from app.routes.render import is_htmx, page, render, wants_json
 
 router = APIRouter()
 
@@ -186,7 +186,7 @@ async def steer_page(request: Request):
     try:
         req, error = parse_request(request.query_params), None
     except HTTPException as exc:
-        if request.url.path.endswith(".json"):
+        if wants_json(request):
             raise
         req, error = None, str(exc.detail)
     view = _view(request, req, error=error)

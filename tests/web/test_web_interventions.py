@@ -330,6 +330,7 @@ def test_the_effect_box_colours_the_top_examples_by_the_rise_of_their_loss(clien
     assert part.status_code == 200 and part.text.lstrip().startswith('<div id="effect-result"')
     blocks = part.text.split('<div class="ex effect">')[1:]
     assert len(blocks) == min(3, len(page["top"])) >= 1
+    deltas, shown = [], []
     for ex, block in zip(page["top"], blocks, strict=False):
         # the example's sequence up to the end of its window, shown from the window's start
         prefix = world.ds.tokens[ex["seq_idx"], :ex["start"] + len(ex["acts"])].tolist()
@@ -337,16 +338,28 @@ def test_the_effect_box_colours_the_top_examples_by_the_rise_of_their_loss(clien
         out = _post(client, "/api/v1/ablate", {
             "model": model, "features": [{"source": SAE, "index": index}], "tokens": prefix})
         want = out["delta"][ex["start"]:]
+        deltas += [d for d in want if d is not None]
         spans = re.findall(r'<span class="(t[^"]*)"(?: title="loss ([^"]+)")?>', block)
         assert len(spans) == len(ex["acts"])
+        shown.append((spans, want))
+        mean = np.mean([d for d in want if d is not None])
+        assert f'<span class="exv" title="mean change of the loss over the shown tokens">' \
+            f'{fmt(mean, 3)}</span>' in block
+    scale = max(abs(d) for d in deltas)
+    assert f"(full colour at {fmt(scale, 3)})" in part.text
+    for spans, want in shown:
         for (cls, tip), d in zip(spans, want, strict=True):
             if d is None:
                 assert tip == "" and cls == "t"
-            else:
+            else:  # the examples' hue where the loss rose, the other where it fell
                 assert tip == ("+" if d >= 0 else "") + fmt(d, 4)
+                k = min(100, int(abs(d) * 100 / scale + 0.5))
+                want_cls = "t" if k == 0 else ("t " if d > 0 else "t n ") + f"a{k}" + (
+                    " s" if k >= 60 else "")
+                assert cls == want_cls, (cls, d, scale)
     full = client.post(url, data={"text": "x = 1 + 2", "mode": "mean"})
     assert full.status_code == 200 and 'id="feature"' in full.text and "your text" in full.text
-    assert "held at its mean" in full.text
+    assert f"held at its mean ({fmt(page['stats']['mean_act'], 4)})" in full.text
 
 
 def test_the_effect_box_without_live_says_how_to_enable_it(off_client, world):
@@ -433,6 +446,17 @@ def test_the_patch_page_draws_heatmaps_with_escaped_tokens(client, world):
                                                        for h in range(world.lm.n_heads)]
     for layer, head, value in heads:
         assert value == fmt(api["heads"][int(layer)][int(head)], 4)
+    rects = re.findall(r'<rect class="([^"]*)"[^>]*><title>layer (\d+) · position (\d+)', resid)
+    for cls, layer, pos in rects:  # colour: |value| in steps of 1%, clean's hue above 0
+        v = api["resid"][int(layer)][int(pos)]
+        k = min(100, int(abs(v) * 100 + 0.5))
+        assert cls == ("" if k == 0 else f"{'p' if v > 0 else 'n'} a{k}" + (" s" if k >= 60
+                                                                             else ""))
+    assert f'clean <span class="num" id="ld-clean">{fmt(api["logit_diff_clean"], 5)}</span>' \
+        in part.text
+    assert f'corrupted <span class="num" id="ld-corrupted">' \
+        f'{fmt(api["logit_diff_corrupted"], 5)}</span>' in part.text
+    assert f"{api['runs']} patched runs in {api['passes']} forward passes" in part.text
     whole = client.post("/patch", data=body)
     assert whole.status_code == 200 and 'id="hm-mlp"' in whole.text
     assert f'href="{html.escape(api["url"])}">link to this request' in whole.text
