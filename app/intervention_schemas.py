@@ -100,19 +100,21 @@ class SteerOut(Out):
     url: str = Field(description="the steer page of this request")
 
 
-class SteerView(Out):
-    """The steer page: the request its URL holds (run only by a POST) and, after one, the
-    result."""
+class RunView(Out):
+    """A page that holds a request (its URL's, else a default one) and runs it only on a POST;
+    after one, its result or its error."""
 
     ok: Literal[True] = True
-    request: SteerIn = Field(description="the request the page holds (its URL's, else a "
-                             "default one)")
-    result: SteerOut | None = Field(None, description="after a run (a POST) only")
     error: str | None = None
     url: str = Field(description="the page of this request")
     api: str = Field(description="where to POST the request as JSON")
     live: bool = Field(description="whether this server runs models (serve --live)")
-    models: list[str] = Field(description="the models it can steer")
+    models: list[str] = Field(description="the models it can run")
+
+
+class SteerView(RunView):
+    request: SteerIn
+    result: SteerOut | None = Field(None, description="after a run (a POST) only")
 
 
 class NpSteerFeatureIn(BaseModel):
@@ -277,16 +279,6 @@ class PatchOut(Out):
     url: str = Field(description="the patch page of this request")
 
 
-class PatchView(Out):
-    """The patch page: the request its URL holds (run only by a POST) and, after one, the
-    result."""
-
-    ok: Literal[True] = True
-    request: PatchIn = Field(description="the request the page holds (its URL's, else the "
-                             "indirect-object example)")
+class PatchView(RunView):
+    request: PatchIn = Field(description="the indirect-object example when the URL names none")
     result: PatchOut | None = Field(None, description="after a run (a POST) only")
-    error: str | None = None
-    url: str = Field(description="the page of this request")
-    api: str = Field(description="where to POST the request as JSON")
-    live: bool
-    models: list[str]

@@ -62,6 +62,15 @@ def _by_hand(module, fn, *, pre: bool):
     return module.register_forward_hook(hook)
 
 
+def _shift(index, by):
+    """An activation with one neuron's value moved by `by`."""
+    def fn(x):
+        y = x.clone()
+        y[..., index] += by
+        return y
+    return fn
+
+
 def _greedy_without_cache(lm, prompt, n, penalty=0.0):
     """Greedy generation by recomputing the whole sequence at every step (no KV cache), each
     token's logit lowered by `penalty` per time it occurs so far."""
@@ -148,13 +157,7 @@ def test_steering_a_neuron_shifts_its_activation(served):
     lm, ids = served.lm, served.tokenize("x = 1")
     kw = dict(n_tokens=8, temperature=0.7, seed=1)
     _, steered = steer(served, ids, [SteerFeature("0-mlp", 9, -3.0)], **kw)
-
-    def shift(x):
-        y = x.clone()
-        y[..., 9] += -3.0
-        return y
-
-    handle = _by_hand(_down_proj(lm, 0), shift, pre=True)
+    handle = _by_hand(_down_proj(lm, 0), _shift(9, -3.0), pre=True)
     try:
         assert generate(lm, ids, **kw) == steered
     finally:
@@ -236,20 +239,25 @@ def _losses(lm, ids):
                                  [:, 0].numpy()])
 
 
+def _losses_without_column(lm, layer, index, ids):
+    """_losses with the neuron's column of the down projection zeroed (restored after)."""
+    w = _down_proj(lm, layer).weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        (w[index] if lm.arch == "gpt2" else w[:, index]).zero_()  # Conv1D is [in, out]
+    try:
+        return _losses(lm, ids)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
 def test_zero_ablating_a_neuron_equals_zeroing_its_column_of_the_down_projection(served):
     lm, ids = served.lm, served.tokenize("import numpy as np\nprint(np.zeros(3))")
     res = ablate(served, ids, [Ablation("0-mlp", 11)], top=4)
     clean_logp, clean = _losses(lm, ids)
     np.testing.assert_array_equal(res.loss_clean, clean)
-    w = _down_proj(lm, 0).weight
-    saved = w.detach().clone()
-    with torch.no_grad():
-        (w[11] if lm.arch == "gpt2" else w[:, 11]).zero_()  # Conv1D is [in, out]
-    try:
-        ablated_logp, ablated = _losses(lm, ids)
-    finally:
-        with torch.no_grad():
-            w.copy_(saved)
+    ablated_logp, ablated = _losses_without_column(lm, 0, 11, ids)
     np.testing.assert_array_equal(res.loss_ablated, ablated)
     assert not np.array_equal(res.loss_ablated[1:], res.loss_clean[1:])
     # the moved tokens: the largest |ablated - clean| log-probabilities at each prediction
@@ -453,13 +461,7 @@ def test_default_model_interventions_against_their_definitions():
     default, zero = steer(served, ids, [SteerFeature("15-mlp", 100, 0.0)], **kw)
     assert zero == default and steer(served, ids, [], **kw) == (default, default)
     _, steered = steer(served, ids, [SteerFeature("15-mlp", 100, 6.0)], **kw)
-
-    def shift(x):
-        y = x.clone()
-        y[..., 100] += 6.0
-        return y
-
-    handle = _by_hand(_down_proj(lm, 15), shift, pre=True)
+    handle = _by_hand(_down_proj(lm, 15), _shift(100, 6.0), pre=True)
     try:
         assert generate(lm, ids, **kw) == steered
     finally:
@@ -467,16 +469,7 @@ def test_default_model_interventions_against_their_definitions():
 
     text = served.tokenize("def add(a, b):\n    return a + b\n\nprint(add(1, 2))")
     res = ablate(served, text, [Ablation("15-mlp", 777)])
-    w = _down_proj(lm, 15).weight
-    saved = w.detach().clone()
-    with torch.no_grad():
-        w[:, 777].zero_()
-    try:
-        _, want = _losses(lm, text)
-    finally:
-        with torch.no_grad():
-            w.copy_(saved)
-    np.testing.assert_array_equal(res.loss_ablated, want)
+    np.testing.assert_array_equal(res.loss_ablated, _losses_without_column(lm, 15, 777, text)[1])
     f = sae.encode(_capture(lm, text, sae.cfg.hook_name))
     index = int(f.sum(0).argmax())
     res = ablate(served, text, [Ablation("sae", index)])

@@ -114,10 +114,7 @@ def ablate(served: ServedModel, ids: list[int], ablations: list[Ablation], *, to
                        "from the ones before it")
     if not ablations:
         raise BadInput("no features to ablate")
-    bad = [i for i in ids if not 0 <= i < served.lm.vocab_size]
-    if bad:
-        raise BadInput(f"token ids out of the vocabulary (0 to {served.lm.vocab_size - 1}): "
-                       f"{bad[:5]}")
+    served.check_ids(ids)
     edits = ablation_edits(served, ablations)
     x = torch.tensor([ids], device=served.lm.device)
     clean = _logprobs(served, x)

@@ -125,15 +125,19 @@ class ServedModel:
             raise NotLoaded.source(self.slug, slug, list(self.sources))
         return src
 
-    def run(self, ids: list[int], slugs: list[str]) -> dict[str, np.ndarray]:
-        """Activations of every feature of each source at every token: {slug: [T, F] float32}."""
-        wanted = [self.source(s) for s in dict.fromkeys(slugs)]
+    def check_ids(self, ids: list[int]) -> None:
+        """BadInput for no tokens, or for token ids out of the model's vocabulary."""
         if not ids:
             raise BadInput("no tokens to run")
         bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
         if bad:
             raise BadInput(f"token ids out of the vocabulary (0 to {self.lm.vocab_size - 1}): "
                            f"{bad[:5]}")
+
+    def run(self, ids: list[int], slugs: list[str]) -> dict[str, np.ndarray]:
+        """Activations of every feature of each source at every token: {slug: [T, F] float32}."""
+        wanted = [self.source(s) for s in dict.fromkeys(slugs)]
+        self.check_ids(ids)
         by_hook: dict[str, list[ServedSource]] = {}
         for src in wanted:
             by_hook.setdefault(src.hook_name, []).append(src)

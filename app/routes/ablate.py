@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
-from starlette.datastructures import QueryParams
 
 from app.db import queries
 from app.db.tables import ExampleGroup
@@ -24,6 +23,7 @@ from app.intervention_schemas import (
     EffectView,
     MovedToken,
 )
+from app.routes import runs
 from app.routes.activations import ready_feature
 from app.routes.deps import (
     FeatureIndex,
@@ -115,9 +115,7 @@ async def run_ablation(request: Request, session: Session, body: AblateIn) -> Ab
 @router.post("/api/v1/ablate", response_model=AblateOut, responses=ERRORS,
              summary="The next-token loss of a text with features ablated, and what moved")
 async def ablate_api(request: Request, body: AblateIn, session: SessionDep):
-    out = await run_ablation(request, session, body)
-    return Response(out.model_dump_json(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return runs.fresh_json(await run_ablation(request, session, body))
 
 
 def _effect_runs(session: Session, src: Row, index: int) -> list[tuple[str, list[int], int]]:
@@ -165,7 +163,7 @@ async def _effect(request: Request, session: Session, src: Row, index: int, text
 async def effect(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
                  index: FeatureIndex):
     """The feature page with the effect of ablating the feature (htmx: that part alone)."""
-    form = QueryParams((await request.body()).decode("utf-8", "replace"))
+    form = await runs.posted_form(request)
     text, mode = form.get("text", ""), form.get("mode", "zero")
     src = await run_in_threadpool(load_source, session, model, source)
     ctx = await run_in_threadpool(build_feature, session, request.app.state.vocabs, src, index)

@@ -9,7 +9,7 @@ pushes the shareable URL; without JavaScript the whole page comes back with them
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -17,11 +17,11 @@ from starlette.datastructures import QueryParams
 
 from app import urls
 from app.db import queries
-from app.inference_errors import InferenceError
 from app.intervention_schemas import IOI, MAX_PATCH_RUNS, PATCH_KINDS, PatchIn, PatchOut, PatchView
+from app.routes import runs
 from app.routes.deps import SessionDep, invalid, model_queue, not_found
-from app.routes.errors import described, documented, validation_message
-from app.routes.render import is_htmx, page, render, wants_json
+from app.routes.errors import documented, validation_message
+from app.routes.render import page
 from app.schemas import TokenRef
 
 router = APIRouter()
@@ -94,53 +94,37 @@ async def run_patch(request: Request, session: Session, req: PatchIn) -> PatchOu
              summary="Patch clean activations into a corrupted run, at every layer and "
              "position, head and MLP")
 async def patch_api(request: Request, body: PatchIn, session: SessionDep):
-    out = await run_patch(request, session, body)
-    return Response(out.model_dump_json(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return runs.fresh_json(await run_patch(request, session, body))
 
 
-def _view(request: Request, req: PatchIn | None, **more) -> PatchView:
-    live = request.app.state.live
-    loaded = sorted(live.models.models) if live is not None else []
-    if req is None:
-        req = parse_request(QueryParams(""), _default_model(request))
-    return PatchView(request=req, url=patch_url(req), api=urls.patch_api(),
-                     live=live is not None, models=loaded or [req.model], **more)
+def _view(request: Request):
+    """The patch page's context maker: the request (else the indirect-object example) and,
+    after a run, its result or error."""
+    loaded = runs.live_models(request)
+
+    def make(req: PatchIn | None, **more) -> PatchView:
+        if req is None:
+            req = parse_request(QueryParams(""), (loaded or [""])[0])
+        return PatchView(request=req, url=patch_url(req), api=urls.patch_api(),
+                         live=loaded is not None, models=loaded or [req.model], **more)
+    return make
 
 
-def _default_model(request: Request) -> str:
-    live = request.app.state.live
-    return min(live.models.models, default="") if live is not None else ""
+def _parse(request: Request):
+    """parse_request on the first loaded model where the request names none."""
+    model = (runs.live_models(request) or [""])[0]
+    return lambda params: parse_request(params, model)
 
 
 @page(router, "/patch", name="patch", schema=PatchView,
       summary="The patch page: the request its URL holds (opening it runs nothing)")
 async def patch_page(request: Request):
-    try:
-        req, error = parse_request(request.query_params, _default_model(request)), None
-    except HTTPException as exc:
-        if wants_json(request):
-            raise
-        req, error = None, str(exc.detail)
-    return render(request, _view(request, req, error=error), template="patch.html",
-                  partial="_patch.html", status_code=422 if error else 200)
+    return runs.show(request, _parse(request), _view(request), template="patch.html",
+                     partial="_patch.html")
 
 
 @router.post("/patch", include_in_schema=False)
 async def patch_run(request: Request, session: SessionDep):
     """The patch page with the heatmaps of its request (htmx: the result part alone)."""
-    form = QueryParams((await request.body()).decode("utf-8", "replace"))
-    req = result = error = None
-    status, headers = 200, {}
-    try:
-        req = parse_request(form, _default_model(request))
-        result = await run_patch(request, session, req)
-    except (HTTPException, InferenceError) as exc:
-        status, error, headers = described(exc)
-    view = _view(request, req, result=result, error=error)
-    response = render(request, view, template="patch.html", partial="_patch.html",
-                      status_code=200 if is_htmx(request) else status)
-    response.headers.update({**headers, "Cache-Control": "no-store"})
-    if result is not None:
-        response.headers["HX-Push-Url"] = view.url
-    return response
+    return await runs.run(request, _parse(request), lambda req: run_patch(request, session, req),
+                          _view(request), template="patch.html", partial="_patch.html")

@@ -9,7 +9,7 @@ without JavaScript the whole page comes back with the result and a link to the r
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -17,7 +17,6 @@ from starlette.datastructures import QueryParams
 
 from app import urls
 from app.db import queries
-from app.inference_errors import InferenceError
 from app.intervention_schemas import (
     DEFAULT_PROMPT,
     Continuation,
@@ -32,10 +31,11 @@ from app.intervention_schemas import (
     SteerView,
     TokenLogprob,
 )
+from app.routes import runs
 from app.routes.activations import ready_feature
 from app.routes.deps import SessionDep, invalid, model_queue, not_found
-from app.routes.errors import described, documented, validation_message
-from app.routes.render import is_htmx, page, render, wants_json
+from app.routes.errors import documented, validation_message
+from app.routes.render import page
 
 router = APIRouter()
 
@@ -131,15 +131,10 @@ async def run_steer(request: Request, session: Session, req: SteerIn) -> SteerOu
         url=steer_url(req))
 
 
-def _json(out) -> Response:
-    return Response(out.model_dump_json(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
-
-
 @router.post("/api/v1/steer", response_model=SteerOut, responses=ERRORS,
              summary="Generate without and with features steered (added, set or capped)")
 async def steer_api(request: Request, body: SteerIn, session: SessionDep):
-    return _json(await run_steer(request, session, body))
+    return runs.fresh_json(await run_steer(request, session, body))
 
 
 def _np_logprobs(c: Continuation, with_top: bool) -> list[NpLogprob]:
@@ -165,52 +160,41 @@ async def neuronpedia_steer(request: Request, body: NpSteerIn, session: SessionD
         seed=body.seed % 2**63, top_logprobs=body.n_logprobs, freq_penalty=body.freq_penalty)
     out = await run_steer(request, session, req)
     top = body.n_logprobs > 0
-    return _json(NpSteerOut(
+    return runs.fresh_json(NpSteerOut(
         STEERED=body.prompt + out.steered.text, DEFAULT=body.prompt + out.default.text,
         steeredLogProbs=_np_logprobs(out.steered, top),
         defaultLogProbs=_np_logprobs(out.default, top), shareUrl=out.url))
 
 
-def _view(request: Request, req: SteerIn | None, **more) -> SteerView:
-    live = request.app.state.live
-    loaded = sorted(live.models.models) if live is not None else []
+def _view(request: Request):
+    """The steer page's context maker: the request (else a default one) and, after a run, its
+    result or error."""
+    loaded = runs.live_models(request)
+
+    def make(req: SteerIn | None, **more) -> SteerView:
+        if req is None:
+            req = SteerIn(model=(loaded or [""])[0], prompt=DEFAULT_PROMPT)
+        return SteerView(request=req, url=steer_url(req), api=urls.steer_api(),
+                         live=loaded is not None, models=loaded or [req.model], **more)
+    return make
+
+
+def _runnable(params: QueryParams) -> SteerIn:
+    req = parse_request(params)
     if req is None:
-        req = SteerIn(model=loaded[0] if loaded else "", prompt=DEFAULT_PROMPT)
-    return SteerView(request=req, url=steer_url(req), api=urls.steer_api(), live=live is not None,
-                     models=loaded or [req.model], **more)
+        raise invalid("choose a model")
+    return req
 
 
 @page(router, "/steer", name="steer", schema=SteerView,
       summary="The steer page: the request its URL holds (opening it runs nothing)")
 async def steer_page(request: Request):
-    try:
-        req, error = parse_request(request.query_params), None
-    except HTTPException as exc:
-        if wants_json(request):
-            raise
-        req, error = None, str(exc.detail)
-    view = _view(request, req, error=error)
-    return render(request, view, template="steer.html", partial="_steer.html",
-                  status_code=422 if error else 200)
+    return runs.show(request, parse_request, _view(request), template="steer.html",
+                     partial="_steer.html")
 
 
 @router.post("/steer", include_in_schema=False)
 async def steer_run(request: Request, session: SessionDep):
     """The steer page with the result of its request (htmx: the result part alone)."""
-    form = QueryParams((await request.body()).decode("utf-8", "replace"))
-    req = result = error = None
-    status, headers = 200, {}
-    try:
-        req = parse_request(form)
-        if req is None:
-            raise invalid("choose a model")
-        result = await run_steer(request, session, req)
-    except (HTTPException, InferenceError) as exc:
-        status, error, headers = described(exc)
-    view = _view(request, req, result=result, error=error)
-    response = render(request, view, template="steer.html", partial="_steer.html",
-                      status_code=200 if is_htmx(request) else status)
-    response.headers.update({**headers, "Cache-Control": "no-store"})
-    if result is not None:
-        response.headers["HX-Push-Url"] = view.url
-    return response
+    return await runs.run(request, _runnable, lambda req: run_steer(request, session, req),
+                          _view(request), template="steer.html", partial="_steer.html")

@@ -42,36 +42,41 @@ SAE = "1-res-sae-48"
 
 
 class World:
-    """A tiny Llama harvested (neurons of layers 0 and 1, and an SAE) into a SQLite file, and
-    served live."""
+    """A tiny Llama harvested (neurons of layers 0 and 1, and a TopK SAE saved to its files)
+    into the database at `url`, and its models loaded for live inference."""
 
-    def __init__(self, model_dir, tmp):
+    def __init__(self, model_dir, tmp, url: str):
         self.lm = load_model(str(model_dir))
         sae = random_sae("topk", d_in=self.lm.d_model, d_sae=48, hook="blocks.1.hook_resid_post",
                          seed=3)
         sae_dir = save_sae(sae, tmp / "sae")
         cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=8,
                             shard_sequences=64)
-        self.ds = ds = load_dataset("pydoc", self.lm.tokenizer, seq_len=SEQ_LEN,
-                                    max_tokens=24 * SEQ_LEN)
+        self.ds = load_dataset("pydoc", self.lm.tokenizer, seq_len=SEQ_LEN,
+                               max_tokens=24 * SEQ_LEN)
         self.specs = neuron_sources(self.lm, [0, 1]) + sae_sources(self.lm, [str(sae_dir)])
-        states = run_harvest(Harvester(self.lm, ds.tokens, self.specs, cfg, bos_first=True))
-        self.url = f"sqlite:///{tmp / 'interventions.db'}"
-        self.engine = make_engine(self.url)
+        states = run_harvest(Harvester(self.lm, self.ds.tokens, self.specs, cfg, bos_first=True))
+        self.url = url
+        self.engine = make_engine(url)
         upgrade(self.engine)
-        reg = store.begin(self.engine, self.lm, ds, self.specs, cfg)
-        store.finish(self.engine, reg, self.lm, ds, self.specs, states, cfg)
+        reg = store.begin(self.engine, self.lm, self.ds, self.specs, cfg)
+        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, cfg)
         self.models = ServedModels.load(self.engine, device="cpu")
-        self.served = self.models.model(self.lm.slug)
-        self.slug = self.lm.slug
 
     def ids(self, text: str) -> list[int]:
-        return self.served.tokenize(text)
+        """A text's token ids as the corpus was tokenized: BOS first."""
+        return [self.lm.tokenizer.bos_token_id] + self.lm.tokenizer(
+            text, add_special_tokens=False)["input_ids"]
+
+
+def _served(world):
+    return world.models.model(world.lm.slug)
 
 
 @pytest.fixture(scope="module")
 def world(tiny_llama_dir, tmp_path_factory) -> Iterator[World]:
-    w = World(tiny_llama_dir, tmp_path_factory.mktemp("interventions"))
+    tmp = tmp_path_factory.mktemp("interventions")
+    w = World(tiny_llama_dir, tmp, f"sqlite:///{tmp / 'interventions.db'}")
     yield w
     w.engine.dispose()
 
@@ -102,7 +107,7 @@ def _post(client, path, body, status=200):
 
 
 def _steer_body(world, **more):
-    return {"model": world.slug, "prompt": "The meaning of life is",
+    return {"model": world.lm.slug, "prompt": "The meaning of life is",
             "features": [{"source": SAE, "index": 3, "strength": 12.0},
                          {"source": "0-mlp", "index": 5, "strength": -4.0}],
             "n_tokens": 10, "temperature": 0.8, "seed": 7, "top_logprobs": 3, **more}
@@ -131,7 +136,7 @@ def test_steer_answers_the_workers_generations(client, world):
     body = _steer_body(world)
     out = _post(client, "/api/v1/steer", body)
     ids = world.ids(body["prompt"])
-    default, steered = steer(world.served, ids, [SteerFeature(SAE, 3, 12.0),
+    default, steered = steer(_served(world), ids, [SteerFeature(SAE, 3, 12.0),
                                                  SteerFeature("0-mlp", 5, -4.0)],
                              n_tokens=10, temperature=0.8, seed=7, top_logprobs=3)
     assert out["prompt_ids"] == ids
@@ -159,8 +164,8 @@ def test_neuronpedia_steer_gives_the_same_texts(client, world):
     ours = _post(client, "/api/v1/steer", _steer_body(world, features=[
         {"source": SAE, "index": 3, "strength": 12.0}], freq_penalty=0.5))
     theirs = _post(client, "/api/steer", {
-        "prompt": "The meaning of life is", "modelId": world.slug,
-        "features": [{"modelId": world.slug, "layer": SAE, "index": 3, "strength": 3}],
+        "prompt": "The meaning of life is", "modelId": world.lm.slug,
+        "features": [{"modelId": world.lm.slug, "layer": SAE, "index": 3, "strength": 3}],
         "strength_multiplier": 4, "temperature": 0.8, "n_tokens": 10, "freq_penalty": 0.5,
         "seed": 7, "n_logprobs": 3})
     assert theirs["STEERED"] == "The meaning of life is" + ours["steered"]["text"]
@@ -170,10 +175,10 @@ def test_neuronpedia_steer_gives_the_same_texts(client, world):
          "topLogprobs": [{"token": x["token"], "logprob": x["logprob"]} for x in t["top"]]}
         for t in ours["steered"]["tokens"]]
     assert theirs["shareUrl"] == ours["url"]
-    body = {"prompt": "x", "modelId": world.slug, "temperature": 0, "n_tokens": 2,
+    body = {"prompt": "x", "modelId": world.lm.slug, "temperature": 0, "n_tokens": 2,
             "features": [{"modelId": "gpt2", "layer": SAE, "index": 3, "strength": 1}]}
     assert "modelId" in _post(client, "/api/steer", body, 422)["error"]
-    body["features"][0]["modelId"] = world.slug
+    body["features"][0]["modelId"] = world.lm.slug
     assert "stream" in _post(client, "/api/steer", {**body, "stream": True}, 422)["error"]
 
 
@@ -198,7 +203,7 @@ def test_steer_refusals_are_the_envelope(client, world, change, status, words):
 def test_steer_without_live_says_how_to_enable_it(off_client, world):
     out = _post(off_client, "/api/v1/steer", _steer_body(world), 503)
     assert "serve --live" in out["error"]
-    page = off_client.get(urls.steer(world.slug, "hi"))
+    page = off_client.get(urls.steer(world.lm.slug, "hi"))
     assert page.status_code == 200 and "featurescope serve --live" in page.text
     assert re.search(r'<button id="run"[^>]* disabled', page.text)
 
@@ -206,13 +211,13 @@ def test_steer_without_live_says_how_to_enable_it(off_client, world):
 def test_the_steer_page_holds_the_request_and_a_get_never_runs_the_model(client, world, busy):
     """While the model is busy, opening the page (or its JSON) answers at once: it shows the
     request of its URL and runs nothing; running it (a POST) is what waits, and gets 503."""
-    url = urls.steer(world.slug, "Tell me <b>more</b>", [(SAE, 3, 12.0), ("0-mlp", 5, -4.0)],
+    url = urls.steer(world.lm.slug, "Tell me <b>more</b>", [(SAE, 3, 12.0), ("0-mlp", 5, -4.0)],
                      method="cap", normalize=True, n_tokens=9, seed=2)
     assert parse_qs(urlsplit(url).query)["f"] == [f"{SAE}:3:12", "0-mlp:5:-4"]
     view = client.get(urls.json(url)).json()
     assert view["result"] is None and view["url"] == url and view["api"] == "/api/v1/steer"
     assert view["request"] == {
-        "model": world.slug, "prompt": "Tell me <b>more</b>", "method": "cap", "normalize": True,
+        "model": world.lm.slug, "prompt": "Tell me <b>more</b>", "method": "cap", "normalize": True,
         "n_tokens": 9, "seed": 2, "temperature": 0.5, "top_logprobs": 5, "freq_penalty": 0.0,
         "features": [{"source": SAE, "index": 3, "strength": 12.0},
                      {"source": "0-mlp", "index": 5, "strength": -4.0}]}
@@ -253,11 +258,11 @@ def test_running_the_steer_page_shows_both_texts_and_pushes_its_url(client, worl
 
 
 def test_the_feature_page_links_to_steering_with_the_feature(client, world):
-    page = client.get(f"/{world.slug}/{SAE}/3.json").json()
+    page = client.get(f"/{world.lm.slug}/{SAE}/3.json").json()
     strength = float(f"{4 * page['stats']['max_act']:.3g}")
-    want = urls.steer(world.slug, features=[(SAE, 3, strength)])
+    want = urls.steer(world.lm.slug, features=[(SAE, 3, strength)])
     assert f'id="steer" class="btn" href="{html.escape(want)}"' in client.get(
-        f"/{world.slug}/{SAE}/3").text
+        f"/{world.lm.slug}/{SAE}/3").text
     view = client.get(urls.json(want)).json()
     assert view["request"]["features"] == [{"source": SAE, "index": 3, "strength": strength}]
 
@@ -267,11 +272,11 @@ def test_the_feature_page_links_to_steering_with_the_feature(client, world):
 
 def test_ablate_answers_losses_against_the_worker(client, world):
     text = "def f(x):\n    return x * 2"
-    out = _post(client, "/api/v1/ablate", {"model": world.slug, "text": text, "top": 3,
+    out = _post(client, "/api/v1/ablate", {"model": world.lm.slug, "text": text, "top": 3,
                                            "features": [{"source": "1-mlp", "index": 4},
                                                         {"source": SAE, "index": 3}]})
     ids = world.ids(text)
-    res = ablate(world.served, ids, [Ablation("1-mlp", 4), Ablation(SAE, 3)], top=3)
+    res = ablate(_served(world), ids, [Ablation("1-mlp", 4), Ablation(SAE, 3)], top=3)
     assert out["token_ids"] == ids and out["mode"] == "zero"
     assert out["loss_clean"][0] is None and out["delta"][0] is None and out["moved"][0] == []
     np.testing.assert_array_equal(out["loss_clean"][1:], res.loss_clean[1:])
@@ -292,14 +297,14 @@ def test_ablate_answers_losses_against_the_worker(client, world):
 
 
 def test_mean_ablation_takes_the_harvests_mean(client, world):
-    stats = client.get(f"/{world.slug}/0-mlp/6.json").json()["stats"]
-    out = _post(client, "/api/v1/ablate", {"model": world.slug, "tokens": [1, 2, 3, 4],
+    stats = client.get(f"/{world.lm.slug}/0-mlp/6.json").json()["stats"]
+    out = _post(client, "/api/v1/ablate", {"model": world.lm.slug, "tokens": [1, 2, 3, 4],
                                            "mode": "mean",
                                            "features": [{"source": "0-mlp", "index": 6}]})
     assert out["features"][0]["replacement"] == stats["mean_act"] != 0
-    res = ablate(world.served, [1, 2, 3, 4], [Ablation("0-mlp", 6, stats["mean_act"])])
+    res = ablate(_served(world), [1, 2, 3, 4], [Ablation("0-mlp", 6, stats["mean_act"])])
     np.testing.assert_array_equal(out["loss_ablated"][1:], res.loss_ablated[1:])
-    value = _post(client, "/api/v1/ablate", {"model": world.slug, "tokens": [1, 2, 3, 4],
+    value = _post(client, "/api/v1/ablate", {"model": world.lm.slug, "tokens": [1, 2, 3, 4],
                                              "mode": "value", "value": 2.5,
                                              "features": [{"source": "0-mlp", "index": 6}]})
     assert value["features"][0]["replacement"] == 2.5
@@ -313,7 +318,7 @@ def test_mean_ablation_takes_the_harvests_mean(client, world):
     ({"tokens": [1] * (MAX_TOKENS + 1)}, 413, "tokens"),
 ])
 def test_ablate_refusals_are_the_envelope(client, world, change, status, words):
-    body = {"model": world.slug, "tokens": [1, 2, 3], "features": [{"source": "0-mlp",
+    body = {"model": world.lm.slug, "tokens": [1, 2, 3], "features": [{"source": "0-mlp",
                                                                   "index": 1}], **change}
     if "text" in change:
         body["text"] = change["text"]
@@ -322,7 +327,7 @@ def test_ablate_refusals_are_the_envelope(client, world, change, status, words):
 
 
 def test_the_effect_box_colours_the_top_examples_by_the_rise_of_their_loss(client, world):
-    model, index = world.slug, 2
+    model, index = world.lm.slug, 2
     page = client.get(f"/{model}/{SAE}/{index}.json").json()
     url = urls.effect(model, SAE, index)
     part = client.post(url, data={"text": "", "mode": "zero"},
@@ -363,9 +368,9 @@ def test_the_effect_box_colours_the_top_examples_by_the_rise_of_their_loss(clien
 
 
 def test_the_effect_box_without_live_says_how_to_enable_it(off_client, world):
-    r = off_client.post(urls.effect(world.slug, SAE, 2), data={"mode": "zero"})
+    r = off_client.post(urls.effect(world.lm.slug, SAE, 2), data={"mode": "zero"})
     assert r.status_code == 503 and "serve --live" in r.text and 'id="feature"' in r.text
-    page = off_client.get(f"/{world.slug}/{SAE}/2").text
+    page = off_client.get(f"/{world.lm.slug}/{SAE}/2").text
     assert re.search(r'<textarea id="effect-text"[^>]* disabled', page)
 
 
@@ -373,7 +378,7 @@ def test_the_effect_box_without_live_says_how_to_enable_it(off_client, world):
 
 
 def _ioi_body(world, **more):
-    return {"model": world.slug, **IOI, **more}
+    return {"model": world.lm.slug, **IOI, **more}
 
 
 def test_patch_answers_the_workers_sweep(client, world):
@@ -416,7 +421,7 @@ def test_a_sweep_over_the_limit_is_413(client, world, monkeypatch):
 
 def test_the_patch_page_opens_with_the_ioi_example_and_runs_only_on_post(client, world, busy):
     view = client.get("/patch.json").json()
-    assert view["request"] == {"model": world.slug, **IOI, "kinds": ["resid", "heads", "mlp"]}
+    assert view["request"] == {"model": world.lm.slug, **IOI, "kinds": ["resid", "heads", "mlp"]}
     assert view["result"] is None
     page = client.get("/patch")
     assert page.status_code == 200 and 'id="hm-resid"' not in page.text
@@ -480,7 +485,7 @@ def test_browser_steer_from_a_feature_page_and_patch_the_ioi_example(browser, li
     problems = []
     page.on("console", lambda m: m.type == "error" and problems.append(m.text))
     page.on("pageerror", lambda e: problems.append(str(e)))
-    page.goto(f"/{world.slug}/{SAE}/3")
+    page.goto(f"/{world.lm.slug}/{SAE}/3")
     page.click("#steer")
     page.wait_for_selector("#prompt")
     assert "/steer?" in page.url and page.locator("#steer-result .steer-out").count() == 0
