@@ -165,17 +165,20 @@ async def effect(request: Request, session: SessionDep, model: ModelSlug, source
     """The feature page with the effect of ablating the feature (htmx: that part alone)."""
     form = await runs.posted_form(request)
     text, mode = form.get("text", ""), form.get("mode", "zero")
+    part = is_htmx(request) and request.headers.get("hx-target") == "effect-result"
     src = await run_in_threadpool(load_source, session, model, source)
-    ctx = await run_in_threadpool(build_feature, session, request.app.state.vocabs, src, index)
+    # the whole page (without JavaScript) around the box; the box alone for htmx
+    ctx = None if part else await run_in_threadpool(build_feature, session,
+                                                    request.app.state.vocabs, src, index)
     view, error, status, headers = None, None, 200, {"Cache-Control": "no-store"}
     try:
+        await run_in_threadpool(ready_feature, session, model, source, index)
         view = await _effect(request, session, src, index, text, mode)
     except (HTTPException, InferenceError) as exc:
         status, error, more = described(exc)
         headers.update(more)
     page = {"ctx": ctx, "effect": view, "effect_error": error, "effect_text": text,
             "effect_mode": mode}
-    part = is_htmx(request) and request.headers.get("hx-target") == "effect-result"
     return request.app.state.templates.TemplateResponse(
         request, "_effect.html" if part else "feature.html", page,
         status_code=200 if part else status, headers=headers)
