@@ -65,7 +65,7 @@ def _source_edit(served: ServedModel, slug: str, items: list[Ablation]
             out[..., idx] = repl.to(act.dtype)
             return out
         return edit
-    w_dec = sae.W_dec[idx]  # [n, d_in]
+    w_dec = sae.output_directions()[idx]  # [n, d_in]
 
     def edit(act: Tensor) -> Tensor:
         f = sae.encode(act)[..., idx]

@@ -173,6 +173,11 @@ class SAE(nn.Module):
         """[..., d_sae] -> [..., d_in], in the normalized space (see forward)."""
         return f @ self.W_dec + self.b_dec
 
+    def output_directions(self) -> Tensor:
+        """[d_sae, d_in]: what one unit of each feature's activation adds to the reconstruction
+        (W_dec's rows)."""
+        return self.W_dec
+
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction of x [..., d_in], mapped back through normalize_activations."""
         _, undo = self._normalize(x.to(self.W_enc.dtype))

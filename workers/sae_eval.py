@@ -7,6 +7,7 @@ loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -14,6 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.sae import SAE
+
+
+def splice(lm, hook_name: str, fn: Callable[[Tensor], Tensor]):
+    """Replace the activation at hook_name by fn(act) in every forward pass inside the block."""
+    return lm.editing({hook_name: fn})
 
 
 @torch.inference_mode()
@@ -42,7 +48,7 @@ def evaluate(lm, sae: SAE, tokens: Tensor, *, first: int, batch_size: int) -> di
     for b0 in range(0, tokens.shape[0], batch_size):
         ids = tokens[b0:b0 + batch_size].to(lm.device)
         for key, fn in (("ce_clean", None), ("ce_spliced", recon), ("ce_zero", zero)):
-            with lm.editing({sae.cfg.hook_name: fn}) if fn else nullcontext():
+            with splice(lm, sae.cfg.hook_name, fn) if fn else nullcontext():
                 logits = lm.hf_model(input_ids=ids, use_cache=False).logits
             acc[key] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                               ids[:, 1:].flatten(), reduction="sum"))

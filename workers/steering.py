@@ -1,8 +1,8 @@
 """Steering: text generated with features' directions added, set or capped at their hook points,
 next to the text the model generates without them.
 
-A feature's direction lives in its hook point's space: an SAE feature's decoder row
-`W_dec[index]` (as stored, in the SAE's input space), a neuron's basis vector at
+A feature's direction lives in its hook point's space: an SAE feature's decoder row (what one
+unit of its activation adds to the SAE's reconstruction), a neuron's basis vector at
 `blocks.L.mlp.hook_post` (so the MLP's output moves by strength x the down projection's column).
 With `normalize` the direction is scaled to unit norm first. At every position, prompt and
 generated alike, with c = (x . v) / (v . v) the activation's coefficient along v:
@@ -41,7 +41,7 @@ def direction(served: ServedModel, source: str, index: int) -> tuple[str, Tensor
         raise BadInput(f"{served.slug}/{source} has no feature {index}: it has features 0 to "
                        f"{src.n_features - 1}")
     if src.sae is not None:
-        return src.hook_name, src.sae.W_dec[index].detach().float()
+        return src.hook_name, src.sae.output_directions()[index].detach().float()
     v = torch.zeros(served.lm.hook_shape_dim(src.hook_name), device=served.lm.device)
     v[index] = 1.0
     return src.hook_name, v
