@@ -25,6 +25,7 @@ from app.db.engine import make_engine
 from app.db.queries import VocabCache, half_table
 from app.model_queue import ModelQueue, start_live
 from app.routes import (
+    ablate,
     activations,
     api,
     docs,
@@ -33,11 +34,14 @@ from app.routes import (
     models,
     neuronpedia,
     neuronpedia_live,
+    patch,
     search,
     sources,
+    steer,
     tokens,
     trial,
 )
+from app.routes.intervention_present import GLOBALS as INTERVENTION_GLOBALS
 from app.routes.present import GLOBALS
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,7 @@ def make_templates(build: str) -> Jinja2Templates:
     env = Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=select_autoescape(),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                       auto_reload=False)
-    env.globals.update(GLOBALS, urls=urls, build=build, has_htmx=HTMX.is_file())
+    env.globals.update(GLOBALS, **INTERVENTION_GLOBALS, urls=urls, build=build, has_htmx=HTMX.is_file())
     return Jinja2Templates(env=env)
 
 
@@ -140,9 +144,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.state.live = live
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # Fixed paths (/docs, /api/..., /search, /tokens) before the /{model}/... patterns.
-    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, tokens, trial,
-                   features, models, sources):
+    # Fixed paths (/docs, /api/..., /search, /tokens, /steer, /patch) before the /{model}/...
+    # patterns.
+    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, tokens, steer,
+                   patch, ablate, trial, features, models, sources):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app

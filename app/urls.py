@@ -1,15 +1,16 @@
 """The one place that builds the explorer's URLs. Views and templates call these; nothing else
 glues paths together.
 
-Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`, and the
-searches `/search` (by text) and `/tokens` (by token); each also answers as JSON with `.json`
-appended (`json()` below). Actions that compute live under
-`/api/v1/`; the Neuronpedia-compatible endpoints under Neuronpedia's own paths (`/api/feature/`,
-`/api/search-all`, ...).
+Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`, the
+searches `/search` (by text) and `/tokens` (by token), and the interventions `/steer` and
+`/patch`; each also answers as JSON with `.json` appended (`json()` below). Actions that
+compute live under `/api/v1/`; the Neuronpedia-compatible endpoints under Neuronpedia's own
+paths (`/api/feature/`, `/api/search-all`, `/api/steer`, ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from urllib.parse import quote, urlencode
 
@@ -69,6 +70,50 @@ def token_search(model: str | None = None, token: str | None = None,
                  token_id: int | None = None) -> str:
     """The features whose top examples peak on a token (from the harvest)."""
     return _with_query("/tokens", {"model": model, "token": token, "id": token_id})
+
+
+def _number(x: float) -> str:
+    """A float as its shortest decimal, without a trailing '.0'."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def steer(model: str | None = None, prompt: str | None = None,
+          features: Sequence[tuple[str, int, float]] = (), **settings: object) -> str:
+    """The steer page holding a whole request (opening it runs nothing): one
+    `f=SOURCE:INDEX:STRENGTH` per feature, then the settings given (method, normalize, n_tokens,
+    temperature, seed, top_logprobs, freq_penalty); booleans read 1 or 0."""
+    query: list[tuple[str, object]] = [("model", model), ("prompt", prompt)]
+    query += [("f", f"{s}:{int(i)}:{_number(x)}") for s, i, x in features]
+    query += [(k, int(v) if isinstance(v, bool) else v) for k, v in settings.items()]
+    items = [(k, v) for k, v in query if v is not None]
+    return f"/steer?{urlencode(items)}" if items else "/steer"
+
+
+def patch(model: str | None = None, clean: str | None = None, corrupted: str | None = None,
+          answer: str | None = None, wrong: str | None = None,
+          kinds: Sequence[str] | None = None) -> str:
+    """The patch page holding a whole request (opening it runs nothing)."""
+    return _with_query("/patch", {"model": model, "clean": clean, "corrupted": corrupted,
+                                  "answer": answer, "wrong": wrong,
+                                  "kinds": ",".join(kinds) if kinds else None})
+
+
+def effect(model: str, source: str, index: int) -> str:
+    """Where a feature page's effect box posts (ablation on a text, or its top examples)."""
+    return f"{feature(model, source, index)}/effect"
+
+
+def steer_api() -> str:
+    return "/api/v1/steer"
+
+
+def ablate_api() -> str:
+    return "/api/v1/ablate"
+
+
+def patch_api() -> str:
+    return "/api/v1/patch"
 
 
 def activations_api() -> str:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from app.inference_errors import BadInput, NotLoaded
 from workers.corpus import _encode, tokenizer_hash
 from workers.harvest import DTYPES
 from workers.models import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from workers.sae import SAE
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ class ServedSource:
     n_features: int
     encode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     """SAE sources: [..., d_in] -> [..., d_sae]; neurons read the hook point as it is."""
+    sae: SAE | None = field(default=None, repr=False)
+    """SAE sources: the loaded SAE (its decoder rows are the features' directions)."""
 
 
 @dataclass
@@ -120,15 +125,19 @@ class ServedModel:
             raise NotLoaded.source(self.slug, slug, list(self.sources))
         return src
 
-    def run(self, ids: list[int], slugs: list[str]) -> dict[str, np.ndarray]:
-        """Activations of every feature of each source at every token: {slug: [T, F] float32}."""
-        wanted = [self.source(s) for s in dict.fromkeys(slugs)]
+    def check_ids(self, ids: list[int]) -> None:
+        """BadInput for no tokens, or for token ids out of the model's vocabulary."""
         if not ids:
             raise BadInput("no tokens to run")
         bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
         if bad:
             raise BadInput(f"token ids out of the vocabulary (0 to {self.lm.vocab_size - 1}): "
                            f"{bad[:5]}")
+
+    def run(self, ids: list[int], slugs: list[str]) -> dict[str, np.ndarray]:
+        """Activations of every feature of each source at every token: {slug: [T, F] float32}."""
+        wanted = [self.source(s) for s in dict.fromkeys(slugs)]
+        self.check_ids(ids)
         by_hook: dict[str, list[ServedSource]] = {}
         for src in wanted:
             by_hook.setdefault(src.hook_name, []).append(src)
@@ -269,4 +278,4 @@ def _served_source(lm: LoadedModel, slug: str, kind: str, hook: str, n_features:
         raise ValueError(f"the SAE at {path} does not match the source ({sae.cfg.hook_name}, "
                          f"{sae.cfg.d_sae} features)")
     sae = sae.to(device=device, dtype=lm.dtype)
-    return ServedSource(slug, kind, hook, n_features, encode=sae.encode)
+    return ServedSource(slug, kind, hook, n_features, encode=sae.encode, sae=sae)

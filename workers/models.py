@@ -6,7 +6,9 @@ Hook points use TransformerLens/SAELens names, `blocks.{L}.{kind}`:
 - `hook_resid_pre` / `hook_resid_post`: the residual stream entering / leaving block L;
 - `hook_attn_out` / `hook_mlp_out`: what the attention / MLP sublayer adds to the residual
   stream (for Gemma 2/3 that is after their post-sublayer RMSNorm, as in TransformerLens);
-all of those are [batch, seq, d_model].
+all of those are [batch, seq, d_model]. Interventions may also edit `attn.hook_z`: the output of
+every attention head before the output projection, [batch, seq, n_heads * d_head] (head h is
+the slice `h * d_head : (h + 1) * d_head`), i.e. TransformerLens's hook_z with heads flattened.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ HOOK_KINDS = ("mlp.hook_post", "hook_resid_pre", "hook_resid_post", "hook_mlp_ou
 _FINAL_NORM = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}
 _DOWN_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense_4h_to_h"}
 _ATTN = {"gpt2": "attn", "gpt_neox": "attention"}
+_O_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense"}
 # Architectures whose sublayer outputs pass through a norm before joining the residual stream.
 _SANDWICH_NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
                    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm")}
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")")
+_Z_RE = re.compile(r"blocks\.(\d+)\.attn\.hook_z")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -90,6 +94,19 @@ def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple | list) else x
 
 
+def _replacing(fn: Callable[[torch.Tensor], torch.Tensor], how: str) -> Callable:
+    """A hook that hands fn the activation and puts what it returns in its place."""
+    if how == "out":
+        def hook(module, args, out):
+            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+    else:
+        def hook(module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
+
+
 @dataclass
 class LoadedModel:
     slug: str
@@ -121,6 +138,18 @@ class LoadedModel:
 
     def _down_proj(self, layer: int) -> torch.nn.Module:
         return getattr(self._blocks()[layer].mlp, _DOWN_PROJ.get(self.arch, "down_proj"))
+
+    def _o_proj(self, layer: int) -> torch.nn.Module:
+        attn = getattr(self._blocks()[layer], _ATTN.get(self.arch, "self_attn"))
+        return getattr(attn, _O_PROJ.get(self.arch, "o_proj"))
+
+    @property
+    def n_heads(self) -> int:
+        return self.hf_model.config.num_attention_heads
+
+    @property
+    def d_head(self) -> int:
+        return getattr(self.hf_model.config, "head_dim", None) or self.d_model // self.n_heads
 
     def _module_for(self, layer: int, kind: str) -> tuple[torch.nn.Module, str]:
         """(module, how): how is 'pre' (the module's input) or 'out' (its output)."""
@@ -201,6 +230,24 @@ class LoadedModel:
             specs.append((module, how, make(name, how)))
         if not self._run(input_ids, specs):
             raise RuntimeError(f"hook points never fired on {self.arch}: {sorted(pending)}")
+
+    @contextmanager
+    def editing(self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """Inside the block, every forward pass replaces the activation at each hook point (the
+        module docstring's names, and `blocks.L.attn.hook_z`) by edit(act): act is the live
+        tensor [batch, seq, dim], edit returns the tensor to use instead. Validated before any
+        hook is attached; the hooks are removed when the block ends, however it ends."""
+        specs = []
+        for name, edit in edits.items():
+            m = _Z_RE.fullmatch(name)
+            if m:
+                layer = self._check(f"blocks.{m.group(1)}.hook_attn_out")[0]
+                module, how = self._o_proj(layer), "pre"
+            else:
+                module, how = self._module_for(*self._check(name))
+            specs.append((module, how, _replacing(edit, how)))
+        with self._hooks(specs):
+            yield
 
     def forward_to(self, input_ids: torch.Tensor, last_layer: int) -> None:
         """The bare truncated pass (blocks 0..last_layer, no callbacks) harvests compare against."""

@@ -7,8 +7,8 @@ loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -17,24 +17,9 @@ from torch import Tensor
 from workers.sae import SAE
 
 
-@contextmanager
-def splice(lm, hook_name: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+def splice(lm, hook_name: str, fn: Callable[[Tensor], Tensor]):
     """Replace the activation at hook_name by fn(act) in every forward pass inside the block."""
-    module, how = lm._module_for(*lm._check(hook_name))
-    if how == "out":
-        def hook(mod, args, out):
-            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-        handle = module.register_forward_hook(hook)
-    else:
-        def hook(mod, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return lm.editing({hook_name: fn})
 
 
 @torch.inference_mode()

@@ -43,9 +43,10 @@ def error_response(request: Request, status: int, message: str,
         headers=headers)
 
 
-def _describe(exc: RequestValidationError) -> str:
+def validation_message(errors: list) -> str:
+    """What a list of pydantic validation errors says, on one line (the first five)."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("path", "query", "body")]
         parts.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "malformed request"
@@ -63,7 +64,7 @@ async def _inference_error(request: Request, exc: InferenceError) -> Response:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(request, 422, _describe(exc))
+    return error_response(request, 422, validation_message(exc.errors()))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
