@@ -308,3 +308,13 @@ def stored_examples(conn, source_id: int, feature_idx: int | None = None,
         out += [StoredExample(f, g, r, int(x["seq"]), int(x["start"]), int(x["peak"]),
                               float(x["value"]), x["acts"].tobytes()) for r, x in enumerate(rec)]
     return out
+
+
+def needs_embedder() -> None:
+    """Skip (in CI: fail) the calling test where the embedding model's package (the `embed`
+    extra, wordllama) is not installed."""
+    from app import embedding
+
+    missing = embedding.available()
+    if missing:
+        skip_or_fail(missing)

@@ -5,12 +5,16 @@ It is made from the same context object as the feature page (`build_feature`).""
 
 from __future__ import annotations
 
+import json
 import math
 
 from fastapi import APIRouter, Request, Response
 
+from app.db import explanations as explanation_db
+from app.explanation_schemas import ExplanationOut, NpExplanation, NpExplanationScore
+from app.explanations import page_version
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source
-from app.routes.features import build_feature
+from app.routes.features import build_feature, explained
 from app.routes.render import etag, not_modified
 from app.schemas import ErrorOut, ExampleOut, FeaturePage, NpActivation, NpFeature
 
@@ -44,6 +48,24 @@ def _freq_hist(ctx: FeaturePage) -> tuple[list[float], list[float]]:
     return heights, values
 
 
+def np_explanation(model: str, source: str, index: int, e: ExplanationOut) -> NpExplanation:
+    """An explanation shaped like Neuronpedia's: the explainer is its type, the explainer model
+    its model; each score's control and judgement go into its jsonDetails."""
+    scores = [NpExplanationScore(
+        id=f"{e.id}:{k}", value=s.value, explanationId=str(e.id),
+        explanationScoreTypeName=s.scorer, explanationScoreModelName=s.scorer_model,
+        initiatedByUserId=e.author or "featurescope", createdAt=s.created_at,
+        jsonDetails=json.dumps({"control": s.control, "verdict": s.verdict,
+                                "details": s.details}, ensure_ascii=False))
+        for k, s in enumerate(e.scores)]
+    return NpExplanation(
+        id=str(e.id), modelId=model, layer=source, source=source, index=str(index),
+        description=e.text, authorId=e.author or "featurescope", typeName=e.explainer,
+        explanationModelName=e.explainer_model or None,
+        scoreV1=max((s.value for s in e.scores), default=0.0), scores=scores,
+        createdAt=e.created_at, updatedAt=e.created_at)
+
+
 def to_neuronpedia(ctx: FeaturePage) -> NpFeature:
     prefix = f"{ctx.layer}-"
     set_name = ctx.source[len(prefix):] if ctx.source.startswith(prefix) else ctx.source
@@ -59,7 +81,9 @@ def to_neuronpedia(ctx: FeaturePage) -> NpFeature:
         pos_str=[t.text for t in ctx.top_logits], pos_values=[t.value for t in ctx.top_logits],
         neg_str=[t.text for t in ctx.bottom_logits],
         neg_values=[t.value for t in ctx.bottom_logits],
-        freq_hist_data_bar_heights=heights, freq_hist_data_bar_values=values, activations=acts)
+        freq_hist_data_bar_heights=heights, freq_hist_data_bar_values=values, activations=acts,
+        explanations=[np_explanation(ctx.model, ctx.source, ctx.index, e)
+                      for e in ctx.explanations])
 
 
 @router.get("/api/feature/{model}/{source}/{index}", response_model=NpFeature,
@@ -68,10 +92,13 @@ def to_neuronpedia(ctx: FeaturePage) -> NpFeature:
 def neuronpedia_feature(request: Request, session: SessionDep, model: ModelSlug,
                         source: SourceSlug, index: FeatureIndex):
     src = load_source(session, model, source)
-    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    version = explanation_db.version(session)
+    tag = etag(request, page_version(src.version_hash if src.status == "ready" else None,
+                                     version))
     if (cached := not_modified(request, tag)) is not None:
         return cached
-    ctx = build_feature(session, request.app.state.vocabs, src, index)
+    ctx = build_feature(session, request.app.state.vocabs, src, index, explained(
+        session, request.app.state.explanations, src, index, version))
     headers = {"Cache-Control": "no-cache", **({"ETag": tag} if tag else {})}
     return Response(to_neuronpedia(ctx).model_dump_json(), media_type="application/json",
                     headers=headers)
