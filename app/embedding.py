@@ -70,7 +70,10 @@ class Embedder:
 
 def package_dir() -> Path | None:
     """Where the `wordllama` package is installed (found without importing it), or None."""
-    spec = importlib.util.find_spec(PACKAGE)
+    try:
+        spec = importlib.util.find_spec(PACKAGE)
+    except (ImportError, ValueError):  # blocked: sys.modules[PACKAGE] is None
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(spec.submodule_search_locations[0])

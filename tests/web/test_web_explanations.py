@@ -348,3 +348,41 @@ def test_neuronpedia_explanation_search_shapes(explained):
         r = c.post(f"/api/explanation/{path}", json=payload)
         assert r.status_code == status, (path, payload, r.text)
         assert ErrorOut.model_validate_json(r.content).status == status
+
+
+def test_pages_and_search_follow_new_explanations(db_url, write_db):
+    """A page held by a client is stale once explanations change (its ETag moves), and the
+    search index reads what was added and drops what was deleted."""
+    from sqlalchemy import delete, insert
+
+    db = write_db(db_url, slice(0, 1))
+    app = create_app(Settings(database_url=db_url), engine=db.engine)
+    embedded = embedding.available() is None
+    with TestClient(app) as client:
+        urls = [f"/{db.llama}/1-mlp/3", f"/{db.llama}/1-mlp/3.json", f"/{db.llama}/1-mlp",
+                f"/api/feature/{db.llama}/1-mlp/3"]
+        tags = {u: client.get(u).headers["etag"] for u in urls}
+        for u in urls:
+            assert client.get(u, headers={"If-None-Match": tags[u]}).status_code == 304
+        assert search(client, "closing parenthesis").results == []
+        with Session(db.engine) as session, session.begin():
+            sid = source_id(session, db.llama, "1-mlp")
+            new = session.execute(insert(Explanation).values(
+                source_id=sid, feature_idx=3, text="closing parenthesis",
+                explainer="human")).inserted_primary_key[0]
+        if embedded:
+            assert embedding.store_missing_vectors(db.engine) == 1
+        for u in urls:
+            r = client.get(u, headers={"If-None-Match": tags[u]})
+            assert r.status_code == 200 and r.headers["etag"] != tags[u], u
+        page = get(client, f"/{db.llama}/1-mlp/3.json", FeaturePage)
+        assert [x.text for x in page.explanations] == ["closing parenthesis"]
+        found = search(client, "closing parenthesis")
+        assert [(h.index, h.meaning_rank is not None) for h in found.results] == [(3, embedded)]
+        assert len(app.state.search.vectors) == (1 if embedded else 0)
+        with Session(db.engine) as session, session.begin():
+            session.execute(delete(Explanation).where(Explanation.id == new))
+        assert search(client, "closing parenthesis").results == []
+        assert len(app.state.search.vectors) == 0
+        assert get(client, f"/{db.llama}/1-mlp/3.json", FeaturePage).explanations == []
+    db.engine.dispose()
