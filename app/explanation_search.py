@@ -26,6 +26,10 @@ RRF_K = 60
 CANDIDATES = 200
 """How many explanations each list (full text, meaning) contributes to the fusion."""
 PAGE = 20
+MIN_SIMILARITY = 0.25
+"""Explanations less similar than this to the query are left out of the meaning list. With the
+embedding model of `app.embedding`, related phrase pairs measured 0.3 to 1.0 and unrelated ones
+at most 0.22 (tests/test_embedding.py has some)."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,8 @@ def search(session: Session, index: SearchIndex, *, query: str,
             q = embedder.embed([query])[0]
             if q.any():
                 ids, cos = index.vectors.nearest(q, source_ids=source_ids, k=CANDIDATES)
+                close = cos >= MIN_SIMILARITY
+                ids, cos = ids[close], cos[close]
                 meaning_ids = ids.tolist()
                 sims = dict(zip(meaning_ids, cos.tolist(), strict=True))
     mode = "hybrid" if embedder is not None and len(index.vectors) else "text"

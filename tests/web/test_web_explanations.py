@@ -304,17 +304,24 @@ def test_search_pages_and_errors(explained):
 
 
 def test_search_pages_by_offset(explained):
+    from app.explanation_search import search as run_search
+
     e = explained
-    everything = search(e.client, "numbers digits weather sentence nouns", model=e.model)
-    seen = [(h.source, h.index) for h in everything.results]
-    offset = everything.next_offset
-    while offset is not None:
-        more = search(e.client, "numbers digits weather sentence nouns", model=e.model,
-                      offset=offset)
-        assert more.offset == offset
-        seen += [(h.source, h.index) for h in more.results]
-        offset = more.next_offset
-    assert len(seen) == len(set(seen))
+    query = "names sentence weather nouns"
+    with Session(e.db.engine) as session:
+        whole = run_search(session, e.app.state.search, query=query, source_ids=None, limit=100)
+        assert len(whole.hits) >= 4 and not whole.more
+        pages, offset, more = [], 0, True
+        while more:
+            page = run_search(session, e.app.state.search, query=query, source_ids=None,
+                              offset=offset, limit=3)
+            pages += page.hits
+            offset, more = offset + 3, page.more
+    assert [h.row.id for h in pages] == [h.row.id for h in whole.hits]
+    keys = [(h.row.source_id, h.row.feature_idx) for h in pages]
+    assert len(keys) == len(set(keys))
+    first = search(e.client, query)
+    assert first.offset == 0 and first.next_offset is None  # under a page of 20
 
 
 def test_neuronpedia_explanation_search_shapes(explained):
