@@ -67,3 +67,32 @@ def test_without_the_package_it_says_why():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == embedding.MISSING
+
+
+def test_the_coarse_pass_finds_the_nearest_phrases():
+    """Over 30,000 phrases of Python's documentation, the two-pass meaning search (leading
+    dimensions, then the full ones) finds nearly all of the exact search's top 20."""
+    needs_embedder()
+    import random
+    import re
+    from pydoc_data.topics import topics
+
+    from app.explanation_search import VectorIndex
+
+    words = re.findall(r"[A-Za-z]+", " ".join(topics.values()))
+    rng = random.Random(0)
+    starts = [rng.randrange(len(words) - 10) for _ in range(30_000)]
+    phrases = [" ".join(words[i:i + rng.randint(3, 9)]) for i in starts]
+    vectors = embedding.embed(phrases)
+    ids, sources = np.arange(1, len(phrases) + 1), np.zeros(len(phrases))
+    coarse = VectorIndex.of(ids, sources, vectors, exact_up_to=1000)
+    exact = VectorIndex.of(ids, sources, vectors, exact_up_to=10**6)
+    queries = ["python function definitions", "closing parenthesis", "numbers and digits",
+               "exceptions raised by a call", "string formatting", "the end of a sentence",
+               "keyword arguments", "class attributes", "integer division", "file objects"]
+    found = []
+    for q in embedding.embed(queries):
+        a, _ = coarse.nearest(q, source_ids=None, k=20)
+        b, _ = exact.nearest(q, source_ids=None, k=20)
+        found.append(len(set(a.tolist()) & set(b.tolist())) / 20)
+    assert np.mean(found) >= 0.95 and min(found) >= 0.8, found

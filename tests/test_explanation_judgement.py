@@ -128,11 +128,15 @@ def test_fusion_adds_reciprocal_ranks():
     ('"closing parenthesis" call', '("closing parenthesis" AND "call")'),
     ("python -snake", '("python" NOT "snake")'),
     ("cats or dogs", '("cats") OR ("dogs")'),
-    ("don't", '("don t")'),
+    ("don't", None),  # stop words, as PostgreSQL's websearch_to_tsquery drops them
+    ("the end of a line", '("end" AND "line")'),
+    ('"the end of a line"', '("the end of a line")'),
+    ("won't-stop", '("won t stop")'),
     ("-only", None),
     ('""', None),
     ("   ", None),
-    ('a" OR b*: NEAR(', '("a") OR ("b" AND "NEAR")'),
+    ('a" OR b*: NEAR(', '("b" AND "NEAR")'),
+    ('x" OR b*: NEAR(', '("x") OR ("b" AND "NEAR")'),
 ])
 def test_fts5_query(query, expected):
     assert fts5_query(query) == expected
@@ -160,3 +164,51 @@ def test_fts5_queries_of_any_input_run():
     assert found == [("python snake",)]
     assert wanted_words("cats -dogs or \"big birds\"") == ["cats", "big", "birds"]
     assert fts5_query("cats -dogs birds", any_word=True) == '"cats" OR "birds"'
+
+
+def _index(vectors: np.ndarray, sources: np.ndarray, exact_up_to: int):
+    from app.explanation_search import VectorIndex
+
+    return VectorIndex.of(np.arange(1, len(vectors) + 1), sources, vectors,
+                          exact_up_to=exact_up_to)
+
+
+def test_nearest_vectors_are_the_exact_top_k():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((500, 256)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[7] = v[3]  # a tie: the smaller id first
+    sources = np.arange(500) % 3
+    q = v[3] + 0.1 * rng.standard_normal(256).astype(np.float32)
+    q /= np.linalg.norm(q)
+    index = _index(v, sources, exact_up_to=10_000)
+    ids, sims = index.nearest(q, source_ids=None, k=20)
+    cos = v @ q
+    want = sorted(range(500), key=lambda i: (-cos[i], i))[:20]
+    assert ids.tolist() == [i + 1 for i in want]
+    np.testing.assert_allclose(sims, cos[want], rtol=1e-5)
+    assert ids[:2].tolist() == [4, 8]
+    ids, _ = index.nearest(q, source_ids=[1, 2], k=20)
+    assert ids.tolist() == [i + 1 for i in sorted((i for i in range(500) if sources[i]),
+                                                  key=lambda i: (-cos[i], i))[:20]]
+    assert index.nearest(q, source_ids=[9], k=5)[0].tolist() == []
+
+
+def test_the_coarse_pass_keeps_the_nearest_when_the_leading_dimensions_carry_them():
+    from app.explanation_search import COARSE_DIM
+
+    rng = np.random.default_rng(1)
+    n = 30_000
+    v = rng.standard_normal((n, 256)).astype(np.float32)
+    v[:, COARSE_DIM:] *= 0.05  # as the embedding model puts most of a text in its first dims
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    sources = np.arange(n) % 2
+    coarse, exact = _index(v, sources, exact_up_to=1000), _index(v, sources, exact_up_to=n)
+    for q in v[rng.integers(0, n, 20)] + 0.05 * rng.standard_normal((20, 256)).astype(
+            np.float32):
+        q = q / np.linalg.norm(q)
+        for src in (None, [0]):
+            a, sa = coarse.nearest(q, source_ids=src, k=50)
+            b, sb = exact.nearest(q, source_ids=src, k=50)
+            assert a.tolist() == b.tolist()
+            np.testing.assert_allclose(sa, sb, rtol=1e-6)

@@ -27,8 +27,21 @@ from app.db.tables import (
 MAX_EXPLANATIONS = 100
 """The most explanations read for one feature."""
 MAX_MATCHES = 1000
-"""The most full-text matches one search reads."""
+"""The most full-text matches one search returns."""
+RANK_BUDGET = 2000
+"""The most matches one full-text search ranks (bm25 or ts_rank cost a few microseconds per
+row): where more explanations have the words, the best of the first RANK_BUDGET are returned."""
 TS_CONFIG = "english"
+STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she
+her hers herself it its itself they them their theirs themselves what which who whom this that
+these those am is are was were be been being have has had having do does did doing a an the and
+but if or because as until while of at by for with about against between into through during
+before after above below to from up down in out on off over under again further then once here
+there when where why how all any both each few more most other some such no nor not only own
+same so than too very s t can will just don should now""".split())
+"""PostgreSQL's English stop words (tsearch_data/english.stop), which websearch_to_tsquery
+leaves out; SQLite's searches leave them out of unquoted terms too."""
 _FTS = table("explanations_fts", column("rowid"), column("explanations_fts"))
 """SQLite's FTS5 index of explanations.text (migration 0004); rowid is the explanation's id."""
 
@@ -134,7 +147,8 @@ _WORD = re.compile(r"\w+")
 
 def _parse(query: str) -> list[tuple[list[list[str]], list[list[str]]]]:
     """A web-search query as groups joined by `or`, each (wanted, excluded) phrases of words:
-    words, "quoted phrases", -excluded; a term like don't or a-b is the phrase of its words."""
+    words, "quoted phrases", -excluded; a term like a-b is the phrase of its words. Unquoted
+    stop words are left out."""
     groups: list[tuple[list[list[str]], list[list[str]]]] = [([], [])]
     for m in _TERM.finditer(query):
         phrase, bare = m.group(1), m.group(2)
@@ -143,7 +157,7 @@ def _parse(query: str) -> list[tuple[list[list[str]], list[list[str]]]]:
             continue
         negative = bare is not None and bare.startswith("-") and len(bare) > 1
         words = _WORD.findall(phrase if phrase is not None else bare)
-        if words:
+        if words and (phrase is not None or not all(w.lower() in STOPWORDS for w in words)):
             groups[-1][1 if negative else 0].append(words)
     return [g for g in groups if g[0]]
 
@@ -170,29 +184,31 @@ def fts5_query(query: str, *, any_word: bool = False) -> str | None:
 def text_matches(session: Session, *, query: str, source_ids: Seq[int] | None,
                  any_word: bool = False, limit: int = MAX_MATCHES) -> list[int]:
     """Ids of the explanations whose text matches a web-search query, best first (bm25 on
-    SQLite, ts_rank on PostgreSQL), among these sources (None: all). `any_word`: those with
-    any of its words."""
+    SQLite, ts_rank on PostgreSQL), among these sources (None: all); `any_word`: those with
+    any of its words. Ranks at most RANK_BUDGET matches (the first ones the index yields)."""
     limit = max(1, min(limit, MAX_MATCHES))
     if session.get_bind().dialect.name == "sqlite":
         match = fts5_query(query, any_word=any_word)
         if match is None:
             return []
-        q = (select(_FTS.c.rowid).where(_FTS.c.explanations_fts.op("MATCH")(match))
-             .order_by(func.bm25(_FTS.c.explanations_fts), _FTS.c.rowid))
+        # No ORDER BY: bm25 is computed only for the rows read, at most RANK_BUDGET.
+        q = select(_FTS.c.rowid, func.bm25(_FTS.c.explanations_fts)).where(
+            _FTS.c.explanations_fts.op("MATCH")(match))
         if source_ids is not None:
             q = q.join(Explanation, Explanation.id == _FTS.c.rowid).where(
                 Explanation.source_id.in_(list(source_ids)))
-        return list(session.scalars(q.limit(limit)))
+        rows = session.execute(q.limit(RANK_BUDGET)).all()
+        return [i for i, _ in sorted(rows, key=lambda r: (r[1], r[0]))[:limit]]
     words = " or ".join(wanted_words(query)) if any_word else query
     if not wanted_words(query):
         return []
     tsq = func.websearch_to_tsquery(TS_CONFIG, words)
     vec = func.to_tsvector(TS_CONFIG, Explanation.text)
-    q = (select(Explanation.id).where(vec.op("@@")(tsq))
-         .order_by(func.ts_rank(vec, tsq).desc(), Explanation.id).limit(limit))
+    q = select(Explanation.id, func.ts_rank(vec, tsq)).where(vec.op("@@")(tsq))
     if source_ids is not None:
         q = q.where(Explanation.source_id.in_(list(source_ids)))
-    return list(session.scalars(q))
+    rows = session.execute(q.limit(RANK_BUDGET)).all()
+    return [i for i, _ in sorted(rows, key=lambda r: (-r[1], r[0]))[:limit]]
 
 
 def matching_features(*, dialect: str, query: str, source_id: int):
