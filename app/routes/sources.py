@@ -1,5 +1,6 @@
 """`/{model}/{source}`: a source's settings and its features in a table, sortable by index,
-max activation or density, paginated by keyset with an opaque `next` token."""
+max activation or density, paginated by keyset with an opaque `next` token, each with its best
+explanation; `?q=` keeps the features with an explanation that matches (full text)."""
 
 from __future__ import annotations
 
@@ -93,9 +94,11 @@ def source(request: Request, session: SessionDep, model: ModelSlug, source: Sour
     q = (q or "").strip() or None
     within = explanation_db.matching_features(
         dialect=session.get_bind().dialect.name, query=q, source_id=src.id) if q else None
-    rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc, after=after,
-                                 limit=limit + 1, within=within) if not q or within is not None \
-        else []
+    if q and within is None:  # a filter of stop words or exclusions only: nothing matches
+        rows = []
+    else:
+        rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc,
+                                     after=after, limit=limit + 1, within=within)
     more, rows = len(rows) > limit, rows[:limit]
     vocab = request.app.state.vocabs.get(session, model_id=src.model_id,
                                          tokenizer_hash=src.tokenizer_hash)
