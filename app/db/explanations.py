@@ -107,6 +107,19 @@ def hits(session: Session, *, ids: Seq[int]) -> Seq[Row]:
     return session.execute(q).all()
 
 
+def vectors_after(session: Session, *, embedder: str, after: int, limit: int = 20_000
+                  ) -> Seq[Row]:
+    """(explanation id, source id, vector) of the stored vectors of one embedder whose id is
+    above `after`, by id: the whole table a page at a time."""
+    q = (select(ExplanationVector.explanation_id, Explanation.source_id,
+                ExplanationVector.vector)
+         .join(Explanation, Explanation.id == ExplanationVector.explanation_id)
+         .where(ExplanationVector.embedder == embedder,
+                ExplanationVector.explanation_id > after)
+         .order_by(ExplanationVector.explanation_id).limit(limit))
+    return session.execute(q).all()
+
+
 def vectors_of(session: Session, *, embedder: str, ids: Seq[int]) -> Seq[Row]:
     """(explanation id, source id, vector) of these explanations' vectors of one embedder."""
     if not ids:
@@ -191,24 +204,28 @@ def text_matches(session: Session, *, query: str, source_ids: Seq[int] | None,
         match = fts5_query(query, any_word=any_word)
         if match is None:
             return []
-        # No ORDER BY: bm25 is computed only for the rows read, at most RANK_BUDGET.
-        q = select(_FTS.c.rowid, func.bm25(_FTS.c.explanations_fts)).where(
+        # The inner query has no ORDER BY: bm25 is computed only for the rows it reads, at most
+        # RANK_BUDGET; the outer one sorts those.
+        inner = select(_FTS.c.rowid.label("id"),
+                       func.bm25(_FTS.c.explanations_fts).label("rank")).where(
             _FTS.c.explanations_fts.op("MATCH")(match))
         if source_ids is not None:
-            q = q.join(Explanation, Explanation.id == _FTS.c.rowid).where(
+            inner = inner.join(Explanation, Explanation.id == _FTS.c.rowid).where(
                 Explanation.source_id.in_(list(source_ids)))
-        rows = session.execute(q.limit(RANK_BUDGET)).all()
-        return [i for i, _ in sorted(rows, key=lambda r: (r[1], r[0]))[:limit]]
-    words = " or ".join(wanted_words(query)) if any_word else query
+        inner = inner.limit(RANK_BUDGET).subquery()
+        return list(session.scalars(select(inner.c.id).order_by(inner.c.rank, inner.c.id)
+                                    .limit(limit)))
     if not wanted_words(query):
         return []
-    tsq = func.websearch_to_tsquery(TS_CONFIG, words)
+    tsq = func.websearch_to_tsquery(
+        TS_CONFIG, " or ".join(wanted_words(query)) if any_word else query)
     vec = func.to_tsvector(TS_CONFIG, Explanation.text)
-    q = select(Explanation.id, func.ts_rank(vec, tsq)).where(vec.op("@@")(tsq))
+    inner = select(Explanation.id, func.ts_rank(vec, tsq).label("rank")).where(vec.op("@@")(tsq))
     if source_ids is not None:
-        q = q.where(Explanation.source_id.in_(list(source_ids)))
-    rows = session.execute(q.limit(RANK_BUDGET)).all()
-    return [i for i, _ in sorted(rows, key=lambda r: (-r[1], r[0]))[:limit]]
+        inner = inner.where(Explanation.source_id.in_(list(source_ids)))
+    inner = inner.limit(RANK_BUDGET).subquery()
+    return list(session.scalars(select(inner.c.id).order_by(inner.c.rank.desc(), inner.c.id)
+                                .limit(limit)))
 
 
 def matching_features(*, dialect: str, query: str, source_id: int):

@@ -387,8 +387,17 @@ def test_pages_and_search_follow_new_explanations(db_url, write_db):
         found = search(client, "closing parenthesis")
         assert [(h.index, h.meaning_rank is not None) for h in found.results] == [(3, embedded)]
         assert len(app.state.search.vectors) == (1 if embedded else 0)
+        with Session(db.engine) as session, session.begin():  # one more, read on its own
+            other = session.execute(insert(Explanation).values(
+                source_id=sid, feature_idx=4, text="opening parenthesis",
+                explainer="human")).inserted_primary_key[0]
+        if embedded:
+            assert embedding.store_missing_vectors(db.engine) == 1
+        found = search(client, "opening parenthesis")
+        assert (found.results[0].index, found.results[0].explanation_id) == (4, other)
+        assert len(app.state.search.vectors) == (2 if embedded else 0)
         with Session(db.engine) as session, session.begin():
-            session.execute(delete(Explanation).where(Explanation.id == new))
+            session.execute(delete(Explanation).where(Explanation.id.in_([new, other])))
         assert search(client, "closing parenthesis").results == []
         assert len(app.state.search.vectors) == 0
         assert get(client, f"/{db.llama}/1-mlp/3.json", FeaturePage).explanations == []
