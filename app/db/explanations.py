@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence as Seq
 
-from sqlalchemy import Row, column, func, select, table
+from sqlalchemy import Row, bindparam, column, func, select, table
 from sqlalchemy.orm import Session
 
 from app.db.tables import (
@@ -46,32 +46,43 @@ _FTS = table("explanations_fts", column("rowid"), column("explanations_fts"))
 """SQLite's FTS5 index of explanations.text (migration 0004); rowid is the explanation's id."""
 
 
+# The statements of the feature page are built once: it is the page that must be fast.
+_VERSION = select(ExplanationsVersion.version).where(ExplanationsVersion.id == 1)
+_OF_FEATURE = (select(Explanation.__table__)
+               .where(Explanation.source_id == bindparam("source_id"),
+                      Explanation.feature_idx == bindparam("index"))
+               .order_by(Explanation.id).limit(MAX_EXPLANATIONS))
+
+
 def version(session: Session) -> int:
     """The counter that every write to explanations, scores or vectors moves (migration 0004)."""
-    return session.scalar(select(ExplanationsVersion.version).where(
-        ExplanationsVersion.id == 1)) or 0
+    return session.connection().execute(_VERSION).scalar() or 0
 
 
 def of_features(session: Session, *, source_id: int, indices: Seq[int]) -> Seq[Row]:
-    """The explanations of some features of a source, oldest first (at most MAX_EXPLANATIONS
-    per feature asked for)."""
+    """The explanations of some features of a source, by feature, oldest first (at most
+    MAX_EXPLANATIONS per feature asked for)."""
     if not indices:
         return []
-    q = (select(Explanation).where(Explanation.source_id == source_id,
-                                   Explanation.feature_idx.in_(list(indices)))
+    conn = session.connection()
+    if len(indices) == 1:
+        return conn.execute(_OF_FEATURE, {"source_id": source_id, "index": indices[0]}).all()
+    q = (select(Explanation.__table__).where(Explanation.source_id == source_id,
+                                             Explanation.feature_idx.in_(list(indices)))
          .order_by(Explanation.feature_idx, Explanation.id)
          .limit(MAX_EXPLANATIONS * len(indices)))
-    return session.execute(q).scalars().all()
+    return conn.execute(q).all()
 
 
 def scores_of(session: Session, *, explanation_ids: Seq[int]) -> Seq[Row]:
     """The scores of these explanations, oldest first."""
     if not explanation_ids:
         return []
-    q = (select(ExplanationScore).where(ExplanationScore.explanation_id.in_(list(explanation_ids)))
+    q = (select(ExplanationScore.__table__)
+         .where(ExplanationScore.explanation_id.in_(list(explanation_ids)))
          .order_by(ExplanationScore.explanation_id, ExplanationScore.id)
          .limit(20 * MAX_EXPLANATIONS * max(1, len(explanation_ids))))
-    return session.execute(q).scalars().all()
+    return session.connection().execute(q).all()
 
 
 def control_sums(session: Session, *, source_id: int) -> Seq[Row]:
