@@ -318,3 +318,15 @@ def needs_embedder() -> None:
     missing = embedding.available()
     if missing:
         skip_or_fail(missing)
+
+
+def recording_page(browser, base_url: str, **context_args):
+    """(context, page) of a new browser context on base_url whose page records console errors
+    (CSP violations included), page errors and dialogs in `page.problems`."""
+    ctx = browser.new_context(base_url=base_url, **context_args)
+    page = ctx.new_page()
+    page.problems = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    return ctx, page

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,7 @@ from app.explanation_schemas import (
 )
 from app.explanation_search import Found, search
 from app.routes.deps import SessionDep, invalid, not_found
-from app.routes.errors import described, documented
+from app.routes.errors import documented, in_place
 from app.routes.render import render, wants_json
 
 router = APIRouter()
@@ -116,17 +116,12 @@ def explanation_search_page(
     as_json = wants_json(request)
     if as_json and not q.strip():
         raise invalid("give q, e.g. /search/explanations.json?q=closing+parenthesis")
-    result, error, status = None, None, 200
-    if q.strip():
-        try:
-            found, ids = run(request, session, query=q, model=model, sources=wanted,
-                             offset=offset)
-            result = search_out(request, session, found, ids, query=q.strip(), model=model,
-                                sources=wanted, offset=offset)
-        except HTTPException as exc:
-            if as_json:
-                raise
-            status, error, _ = described(exc)
+    def answer() -> ExplanationSearchOut:
+        found, ids = run(request, session, query=q, model=model, sources=wanted, offset=offset)
+        return search_out(request, session, found, ids, query=q.strip(), model=model,
+                          sources=wanted, offset=offset)
+
+    result, error, status = in_place(answer, as_json=as_json) if q.strip() else (None, None, 200)
     if as_json:
         return Response(result.model_dump_json(), media_type="application/json",
                         headers={"Cache-Control": "no-store"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from explanation_data import SCRIPT, write_explanations
-from support import serve_in_thread
+from support import recording_page, serve_in_thread
 
 from app import embedding
 from app.config import Settings
@@ -30,13 +30,8 @@ def explained_server(write_db, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, explained_server):
-    base, _ = explained_server
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900}, base_url=base)
-    p = ctx.new_page()
-    p.problems = []
-    p.on("console", lambda m: m.type == "error" and p.problems.append(m.text))
-    p.on("pageerror", lambda e: p.problems.append(str(e)))
-    p.on("dialog", lambda d: (p.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    ctx, p = recording_page(browser, explained_server[0],
+                            viewport={"width": 1360, "height": 900})
     yield p
     ctx.close()
 
