@@ -152,36 +152,36 @@ class NpExplanationHit(NpExplanation):
     neuron: NpNeuronRef
 
 
-class NpSearchAllIn(BaseModel):
+class NpExplanationSearchAllIn(BaseModel):
     """The body of Neuronpedia's POST /api/explanation/search-all."""
 
     query: str = Field(min_length=1, max_length=1000)
     offset: int = Field(0, ge=0, le=10_000)
 
 
-class NpSearchModelIn(NpSearchAllIn):
+class NpExplanationSearchModelIn(NpExplanationSearchAllIn):
     """The body of POST /api/explanation/search-model."""
 
     modelId: str = Field(max_length=128)
 
 
-class NpSearchIn(NpSearchModelIn):
+class NpExplanationSearchIn(NpExplanationSearchModelIn):
     """The body of POST /api/explanation/search: the sources of a model (`layers`)."""
 
     layers: list[str] = Field(min_length=1, max_length=2000)
 
 
-class NpSearchRequest(_Out):
+class NpExplanationSearchRequest(_Out):
     modelId: str | None
     layers: list[str] | None
     query: str
     offset: int
 
 
-class NpSearchOut(_Out):
+class NpExplanationSearchOut(_Out):
     """Shaped like Neuronpedia's explanation search answer."""
 
-    request: NpSearchRequest
+    request: NpExplanationSearchRequest
     results: list[NpExplanationHit]
     resultsCount: int
     hasMore: bool

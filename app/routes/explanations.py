@@ -7,6 +7,7 @@ the answers. The page shows errors in place, under the search box."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -17,14 +18,17 @@ from app import urls
 from app.db import queries
 from app.explanation_schemas import (
     ExplanationHit,
+    ExplanationOut,
     ExplanationSearchOut,
+    NpExplanation,
     NpExplanationHit,
+    NpExplanationScore,
+    NpExplanationSearchAllIn,
+    NpExplanationSearchIn,
+    NpExplanationSearchModelIn,
+    NpExplanationSearchOut,
+    NpExplanationSearchRequest,
     NpNeuronRef,
-    NpSearchAllIn,
-    NpSearchIn,
-    NpSearchModelIn,
-    NpSearchOut,
-    NpSearchRequest,
 )
 from app.explanation_search import Found, search
 from app.routes.deps import SessionDep, invalid, not_found
@@ -136,6 +140,24 @@ def explanation_search_page(
 # ------------------------------------------------------------------ Neuronpedia's shapes
 
 
+def np_explanation(model: str, source: str, index: int, e: ExplanationOut) -> NpExplanation:
+    """An explanation shaped like Neuronpedia's: the explainer is its type, the explainer model
+    its model; each score's control and judgement go into its jsonDetails."""
+    scores = [NpExplanationScore(
+        id=f"{e.id}:{k}", value=s.value, explanationId=str(e.id),
+        explanationScoreTypeName=s.scorer, explanationScoreModelName=s.scorer_model,
+        initiatedByUserId=e.author or "featurescope", createdAt=s.created_at,
+        jsonDetails=json.dumps({"control": s.control, "verdict": s.verdict,
+                                "details": s.details}, ensure_ascii=False))
+        for k, s in enumerate(e.scores)]
+    return NpExplanation(
+        id=str(e.id), modelId=model, layer=source, source=source, index=str(index),
+        description=e.text, authorId=e.author or "featurescope", typeName=e.explainer,
+        explanationModelName=e.explainer_model or None,
+        scoreV1=max((s.value for s in e.scores), default=0.0), scores=scores,
+        createdAt=e.created_at, updatedAt=e.created_at)
+
+
 def _np_answer(request: Request, session: Session, body: BaseModel, model: str | None,
                layers: list[str] | None) -> Response:
     found, _ = run(request, session, query=body.query, model=model, sources=layers,
@@ -150,8 +172,8 @@ def _np_answer(request: Request, session: Session, body: BaseModel, model: str |
                            index=str(h.row.feature_idx), maxActApprox=h.row.max_act,
                            frac_nonzero=h.row.frac_active))
         for h in found.hits]
-    out = NpSearchOut(
-        request=NpSearchRequest(modelId=model, layers=layers, query=body.query,
+    out = NpExplanationSearchOut(
+        request=NpExplanationSearchRequest(modelId=model, layers=layers, query=body.query,
                                 offset=body.offset),
         results=results, resultsCount=len(results), hasMore=found.more,
         nextOffset=body.offset + len(results))
@@ -159,20 +181,20 @@ def _np_answer(request: Request, session: Session, body: BaseModel, model: str |
                     headers={"Cache-Control": "no-store"})
 
 
-@router.post("/api/explanation/search", response_model=NpSearchOut, responses=ERRORS,
+@router.post("/api/explanation/search", response_model=NpExplanationSearchOut, responses=ERRORS,
              summary="Neuronpedia's explanation search over some sources of a model")
-def np_search(request: Request, session: SessionDep, body: NpSearchIn):
+def np_search(request: Request, session: SessionDep, body: NpExplanationSearchIn):
     return _np_answer(request, session, body, body.modelId, body.layers)
 
 
-@router.post("/api/explanation/search-model", response_model=NpSearchOut, responses=ERRORS,
+@router.post("/api/explanation/search-model", response_model=NpExplanationSearchOut, responses=ERRORS,
              summary="Neuronpedia's explanation search over every source of a model")
-def np_search_model(request: Request, session: SessionDep, body: NpSearchModelIn):
+def np_search_model(request: Request, session: SessionDep, body: NpExplanationSearchModelIn):
     return _np_answer(request, session, body, body.modelId, None)
 
 
-@router.post("/api/explanation/search-all", response_model=NpSearchOut, responses=ERRORS,
+@router.post("/api/explanation/search-all", response_model=NpExplanationSearchOut, responses=ERRORS,
              summary="Neuronpedia's explanation search over every model")
-def np_search_all(request: Request, session: SessionDep, body: NpSearchAllIn):
+def np_search_all(request: Request, session: SessionDep, body: NpExplanationSearchAllIn):
     return _np_answer(request, session, body, None, None)
 

@@ -5,15 +5,14 @@ It is made from the same context object as the feature page (`build_feature`).""
 
 from __future__ import annotations
 
-import json
 import math
 
 from fastapi import APIRouter, Request, Response
 
 from app.db import explanations as explanation_db
-from app.explanation_schemas import ExplanationOut, NpExplanation, NpExplanationScore
 from app.explanations import page_version
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source
+from app.routes.explanations import np_explanation
 from app.routes.features import build_feature, explained
 from app.routes.render import etag, not_modified
 from app.schemas import ErrorOut, ExampleOut, FeaturePage, NpActivation, NpFeature
@@ -46,24 +45,6 @@ def _freq_hist(ctx: FeaturePage) -> tuple[list[float], list[float]]:
         heights.append(float(counts[i]))
         values.append(math.sqrt(lo * hi) if hi is not None else lo * 2 ** 0.125)
     return heights, values
-
-
-def np_explanation(model: str, source: str, index: int, e: ExplanationOut) -> NpExplanation:
-    """An explanation shaped like Neuronpedia's: the explainer is its type, the explainer model
-    its model; each score's control and judgement go into its jsonDetails."""
-    scores = [NpExplanationScore(
-        id=f"{e.id}:{k}", value=s.value, explanationId=str(e.id),
-        explanationScoreTypeName=s.scorer, explanationScoreModelName=s.scorer_model,
-        initiatedByUserId=e.author or "featurescope", createdAt=s.created_at,
-        jsonDetails=json.dumps({"control": s.control, "verdict": s.verdict,
-                                "details": s.details}, ensure_ascii=False))
-        for k, s in enumerate(e.scores)]
-    return NpExplanation(
-        id=str(e.id), modelId=model, layer=source, source=source, index=str(index),
-        description=e.text, authorId=e.author or "featurescope", typeName=e.explainer,
-        explanationModelName=e.explainer_model or None,
-        scoreV1=max((s.value for s in e.scores), default=0.0), scores=scores,
-        createdAt=e.created_at, updatedAt=e.created_at)
 
 
 def to_neuronpedia(ctx: FeaturePage) -> NpFeature:
