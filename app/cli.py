@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from app.commands import embed
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="cache the default model and built-in corpora")
     pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
     pr.set_defaults(func=cmd_prepare)
+    embed.register(sub)
     return p
 
 

@@ -23,6 +23,8 @@ from app import urls
 from app.config import Settings
 from app.db.engine import make_engine
 from app.db.queries import VocabCache, half_table
+from app.explanation_search import SearchIndex
+from app.explanations import ExplanationCache
 from app.model_queue import ModelQueue, start_live
 from app.routes import (
     ablate,
@@ -30,6 +32,7 @@ from app.routes import (
     api,
     docs,
     errors,
+    explanations,
     features,
     models,
     neuronpedia,
@@ -142,12 +145,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.state.templates = make_templates(app.state.build)
     app.state.vocabs = VocabCache()
     app.state.live = live
+    app.state.explanations = ExplanationCache()
+    app.state.search = SearchIndex()
     errors.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Fixed paths (/docs, /api/..., /search, /tokens, /steer, /patch) before the /{model}/...
     # patterns.
-    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, tokens, steer,
-                   patch, ablate, trial, features, models, sources):
+    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, explanations,
+                   tokens, steer, patch, ablate, trial, features, models, sources):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders)
     return app

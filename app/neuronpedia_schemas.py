@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from app.explanation_schemas import NpExplanation
 from app.model_queue import MAX_TEXT_CHARS
 from app.schemas import Out
 
@@ -114,7 +115,7 @@ class NpFeature(Out):
     logits_hist_data_bar_heights: list[float] = []
     logits_hist_data_bar_values: list[float] = []
     activations: list[NpActivation] = Field(description="by maxValue, highest first")
-    explanations: list[dict] = []
+    explanations: list[NpExplanation] = []
     hasVector: bool = False
     vector: list[float] = []
     topkCosSimIndices: list[int] = []

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.explanation_schemas import ExplanationOut, ScorerJudgement
+
 
 class Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -117,6 +119,8 @@ class FeatureRow(Out):
     max_act: float
     frac_active: float
     top_tokens: list[TokenCount]
+    explanation: str | None = Field(description="its best explanation (the feature page's "
+                                    "first)")
     url: str
 
 
@@ -128,6 +132,8 @@ class SourcePage(Out):
     sort: Literal["index", "max_act", "frac_active"]
     order: Literal["asc", "desc"]
     limit: int
+    q: str | None = Field(description="only features with an explanation that matches this "
+                          "full-text query (words, \"phrases\", -excluded, or)")
     features: list[FeatureRow]
     next: str | None = Field(description="opaque keyset token of the next page, or null")
     next_url: str | None
@@ -201,6 +207,10 @@ class FeaturePage(Out):
     bottom: list[ExampleOut]
     quantiles: list[QuantileGroup] = Field(description="examples across the range, highest first")
     links: FeatureLinks
+    explanations: list[ExplanationOut] = Field(description="best first: by the highest score "
+                                               "of a scorer not marked uninformative")
+    scorers: list[ScorerJudgement] = Field(description="whether each scorer of these "
+                                           "explanations beats its controls over the source")
 
 
 # ------------------------------------------------------------------ live inference and search

@@ -2,10 +2,11 @@
 glues paths together.
 
 Canonical pages: `/`, `/{model}`, `/{model}/{source}`, `/{model}/{source}/{index}`, the
-searches `/search` (by text) and `/tokens` (by token), and the interventions `/steer` and
-`/patch`; each also answers as JSON with `.json` appended (`json()` below). Actions that
-compute live under `/api/v1/`; the Neuronpedia-compatible endpoints under Neuronpedia's own
-paths (`/api/feature/`, `/api/search-all`, `/api/steer`, ...).
+searches `/search` (by text), `/tokens` (by token) and `/search/explanations` (by meaning), and
+the interventions `/steer` and `/patch`; each also answers as JSON with `.json` appended
+(`json()` below). Actions that compute live under `/api/v1/`; the Neuronpedia-compatible
+endpoints under Neuronpedia's own paths (`/api/feature/`, `/api/search-all`, `/api/steer`,
+`/api/explanation/`, ...).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def model(model: str) -> str:
 
 
 def source(model: str, source: str, *, sort: str | None = None, order: str | None = None,
-           limit: int | None = None, next: str | None = None) -> str:
+           limit: int | None = None, next: str | None = None, q: str | None = None) -> str:
     """The feature list of a source: sorted, ordered and cut into pages as asked, and `next`,
-    the page after a keyset token. A setting at its default is left out: one list, one URL."""
+    the page after a keyset token; `q`, only the features with an explanation that matches.
+    A setting at its default is left out: one list, one URL."""
     sort = sort or "index"
     return _with_query(f"/{_seg(model)}/{_seg(source)}", {
         "sort": None if sort == "index" else sort,
         "order": None if order == default_order(sort) else order,
-        "limit": None if limit == PAGE_SIZE else limit, "next": next})
+        "limit": None if limit == PAGE_SIZE else limit, "q": q or None, "next": next})
 
 
 def feature(model: str, source: str, index: int) -> str:
@@ -114,6 +116,20 @@ def ablate_api() -> str:
 
 def patch_api() -> str:
     return "/api/v1/patch"
+def explanation_search(q: str | None = None, model: str | None = None,
+                       sources: list[str] | None = None, offset: int | None = None) -> str:
+    """Search by meaning over the explanations (of a model, of some of its sources)."""
+    return _with_query("/search/explanations", {
+        "q": q or None, "model": model or None,
+        "sources": ",".join(sources) if sources else None, "offset": offset or None})
+
+
+def explanation_search_api(kind: str = "search") -> str:
+    """Neuronpedia's explanation search: `search` (sources of a model), `search-model`,
+    `search-all`."""
+    if kind not in ("search", "search-model", "search-all"):
+        raise ValueError(f"no explanation search {kind!r}")
+    return f"/api/explanation/{kind}"
 
 
 def activations_api() -> str:

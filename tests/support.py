@@ -366,3 +366,25 @@ def stored_examples(conn, source_id: int, feature_idx: int | None = None,
         out += [StoredExample(f, g, r, int(x["seq"]), int(x["start"]), int(x["peak"]),
                               float(x["value"]), x["acts"].tobytes()) for r, x in enumerate(rec)]
     return out
+
+
+def needs_embedder() -> None:
+    """Skip (in CI: fail) the calling test where the embedding model's package (the `embed`
+    extra, wordllama) is not installed."""
+    from app import embedding
+
+    missing = embedding.available()
+    if missing:
+        skip_or_fail(missing)
+
+
+def recording_page(browser, base_url: str, **context_args):
+    """(context, page) of a new browser context on base_url whose page records console errors
+    (CSP violations included), page errors and dialogs in `page.problems`."""
+    ctx = browser.new_context(base_url=base_url, **context_args)
+    page = ctx.new_page()
+    page.problems = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    return ctx, page

@@ -125,14 +125,17 @@ def examples(session: Session, *, source_id: int, dataset_id: int, index: int
 
 
 def features_page(session: Session, *, source_id: int, sort: str, desc: bool,
-                  after: tuple[float, int] | None, limit: int) -> Seq[Row]:
+                  after: tuple[float, int] | None, limit: int, within=None) -> Seq[Row]:
     """One keyset page of a source's features, ordered by (sort column, index), both ascending
     or both descending so that the (source_id, column) index serves the seek. `after` is the
-    (value, index) of the last row of the previous page."""
+    (value, index) of the last row of the previous page; `within`, a subquery of the feature
+    indices to keep (None: all)."""
     col = SORT_COLUMNS[sort]
     limit = max(1, min(limit, MAX_ROWS))
     q = select(Feature.idx, Feature.max_act, Feature.frac_active, Feature.top_tokens).where(
         Feature.source_id == source_id)
+    if within is not None:
+        q = q.where(Feature.idx.in_(within))
     if after is not None:
         if sort == "index":
             q = q.where(Feature.idx < after[1] if desc else Feature.idx > after[1])

@@ -321,3 +321,14 @@ class ExplanationVector(Base):
         ForeignKey("explanations.id", ondelete="CASCADE"), primary_key=True)
     embedder: Mapped[str] = mapped_column(String(100))
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ExplanationsVersion(Base):
+    """One row (id 1) whose `version` triggers move on every write to explanations, their
+    scores and their vectors (migration 0004): pages that show explanations carry it in their
+    ETag, and the server's search index and scorer judgements reload when it moves."""
+
+    __tablename__ = "explanations_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -30,6 +30,18 @@ def described(exc: HTTPException | InferenceError) -> tuple[int, str, dict[str, 
     return exc.status_code, str(exc.detail), dict(exc.headers or {})
 
 
+def in_place(call, *, as_json: bool):
+    """(result, error message, status) of a page's search, whose page shows an error in place
+    of its result: `call()`'s result, or what its HTTPException says. JSON raises instead."""
+    try:
+        return call(), None, 200
+    except HTTPException as exc:
+        if as_json:
+            raise
+        status, message, _ = described(exc)
+        return None, message, status
+
+
 def error_response(request: Request, status: int, message: str,
                    headers: dict[str, str] | None = None) -> Response:
     headers = {**(headers or {}), "Cache-Control": "no-store"}

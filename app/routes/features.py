@@ -14,9 +14,11 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
-from app import urls
+from app import explanations, urls
+from app.db import explanations as explanation_db
 from app.db import queries
 from app.db.tables import BosPolicy, ExampleGroup
+from app.explanation_schemas import FeatureExplanations
 from app.histogram import histogram_edges
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.present import pct, progress
@@ -100,16 +102,29 @@ def _links(src: Row, index: int) -> dict:
             "neuronpedia": urls.neuronpedia_feature(m, s, index)}
 
 
-def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int
-                  ) -> FeaturePage:
+def explained(session: Session, cache: explanations.ExplanationCache | None, src: Row,
+              index: int, version: int | None = None) -> FeatureExplanations:
+    """The feature's explanations, best first, with its scorers' judgements (a cache of its
+    own when none is given, the explanations version read when not given)."""
+    if version is None:
+        version = explanation_db.version(session)
+    return explanations.of_feature(session, cache or explanations.ExplanationCache(),
+                                   source_id=src.id, index=index, version=version)
+
+
+def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int,
+                  explains: FeatureExplanations | None = None) -> FeaturePage:
     row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, example_out)
+    if explains is None:
+        explains = explained(session, None, src, index)
     quantiles = [{"group": code - ExampleGroup.quantile, "name": ExampleGroup.name_of(code),
                   "lo": min(p for p, _ in exs), "hi": max(p for p, _ in exs),
                   "examples": [ex for _, ex in exs]} for code, exs in groups]
     # One validation of the whole context (pydantic-core builds the nested models).
     return FeaturePage.model_validate({
         **_head(src, index, row, vocab.many, float), "top": top, "bottom": bottom,
-        "quantiles": quantiles, "links": _links(src, index)})
+        "quantiles": quantiles, "links": _links(src, index),
+        "explanations": explains.explanations, "scorers": explains.scorers})
 
 
 # ------------------------------------------------------------------ the JSON, written directly
@@ -146,7 +161,8 @@ def _example_json(row: Row, vocab: queries.Vocab) -> bytes:
         ids, b'],"tokens":[', texts, b'],"acts":[', queries.acts_json(blob, n), b"]}"))
 
 
-def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: int) -> bytes:
+def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: int,
+                 explains: FeatureExplanations) -> bytes:
     """The JSON of a feature page (a FeaturePage), as UTF-8 bytes."""
     row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, _example_json)
     quantiles = [b'{"group":%d,"name":%b,"lo":%b,"hi":%b,"examples":[%b]}' % (
@@ -156,7 +172,7 @@ def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: 
     head = _dumps(_head(src, index, row, vocab.many, _finite))
     return b"".join((head[:-1], b',"top":[', b",".join(top), b'],"bottom":[', b",".join(bottom),
                      b'],"quantiles":[', b",".join(quantiles), b'],"links":',
-                     _dumps(_links(src, index)), b"}"))
+                     _dumps(_links(src, index)), b",", explains.model_dump_json()[1:].encode()))
 
 
 def _token_values(pairs: list, texts, value=float) -> list[dict]:
@@ -179,11 +195,14 @@ async def feature(request: Request, session: SessionDep, model: ModelSlug, sourc
 
 def _feature(request: Request, session: Session, model: str, source: str, index: int):
     src = load_source(session, model, source)
-    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    version = explanation_db.version(session)
+    tag = etag(request, explanations.page_version(
+        src.version_hash if src.status == "ready" else None, version))
     if (cached := not_modified(request, tag)) is not None:
         return cached
+    explains = explained(session, request.app.state.explanations, src, index, version)
     if wants_json(request):
-        body = feature_json(session, request.app.state.vocabs, src, index)
+        body = feature_json(session, request.app.state.vocabs, src, index, explains)
         return Response(body, media_type="application/json", headers=json_headers(tag))
-    ctx = build_feature(session, request.app.state.vocabs, src, index)
+    ctx = build_feature(session, request.app.state.vocabs, src, index, explains)
     return render(request, ctx, template="feature.html", partial="_feature.html", tag=tag)

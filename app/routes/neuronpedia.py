@@ -14,7 +14,9 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
+from app.db import explanations as explanation_db
 from app.db import queries
+from app.explanations import page_version
 from app.neuronpedia_schemas import (
     NpActivation,
     NpFeature,
@@ -32,7 +34,8 @@ from app.routes.deps import (
     not_found,
 )
 from app.routes.errors import documented
-from app.routes.features import build_feature
+from app.routes.explanations import np_explanation
+from app.routes.features import build_feature, explained
 from app.routes.render import etag, not_modified
 from app.schemas import ExampleOut, FeaturePage
 
@@ -106,7 +109,9 @@ def to_neuronpedia(ctx: FeaturePage, model: NpModel, source: NpSource) -> NpFeat
         pos_str=[t.text for t in ctx.top_logits], pos_values=[t.value for t in ctx.top_logits],
         neg_str=[t.text for t in ctx.bottom_logits],
         neg_values=[t.value for t in ctx.bottom_logits],
-        freq_hist_data_bar_heights=heights, freq_hist_data_bar_values=values, activations=acts)
+        freq_hist_data_bar_heights=heights, freq_hist_data_bar_values=values, activations=acts,
+        explanations=[np_explanation(ctx.model, ctx.source, ctx.index, e)
+                      for e in ctx.explanations])
 
 
 def _dataset_size(session: Session, dataset_id: int) -> tuple[int | None, int | None]:
@@ -114,8 +119,10 @@ def _dataset_size(session: Session, dataset_id: int) -> tuple[int | None, int | 
     return (ds.n_sequences, ds.seq_len) if ds is not None else (None, None)
 
 
-def _feature(request: Request, session: Session, src: Row, index: int) -> NpFeature:
-    ctx = build_feature(session, request.app.state.vocabs, src, index)
+def _feature(request: Request, session: Session, src: Row, index: int, version: int
+             ) -> NpFeature:
+    ctx = build_feature(session, request.app.state.vocabs, src, index, explained(
+        session, request.app.state.explanations, src, index, version))
     model = np_model(queries.model_by_slug(session, slug=src.model_slug))
     source = np_source(request, src.model_slug, src, *_dataset_size(session, src.dataset_id))
     return to_neuronpedia(ctx, model, source)
@@ -127,10 +134,12 @@ def _feature(request: Request, session: Session, src: Row, index: int) -> NpFeat
 def neuronpedia_feature(request: Request, session: SessionDep, model: ModelSlug,
                         source: SourceSlug, index: FeatureIndex):
     src = load_source(session, model, source)
-    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    version = explanation_db.version(session)
+    tag = etag(request, page_version(src.version_hash if src.status == "ready" else None,
+                                     version))
     if (cached := not_modified(request, tag)) is not None:
         return cached
-    out = _feature(request, session, src, index)
+    out = _feature(request, session, src, index, version)
     headers = {"Cache-Control": "no-cache", **({"ETag": tag} if tag else {})}
     return Response(out.model_dump_json(), media_type="application/json", headers=headers)
 

@@ -1,5 +1,6 @@
 """`/{model}/{source}`: a source's settings and its features in a table, sortable by index,
-max activation or density, paginated by keyset with an opaque `next` token."""
+max activation or density, paginated by keyset with an opaque `next` token, each with its best
+explanation; `?q=` keeps the features with an explanation that matches (full text)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 from sqlalchemy import Row
 
-from app import urls
+from app import explanations, urls
+from app.db import explanations as explanation_db
 from app.db import queries
 from app.routes.deps import MAX_INDEX, ModelSlug, SessionDep, SourceSlug, load_source
 from app.routes.models import source_out
@@ -75,28 +77,43 @@ def source(request: Request, session: SessionDep, model: ModelSlug, source: Sour
            limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = queries.PAGE_SIZE,
            next: Annotated[str | None, Query(max_length=400)] = None,
            jump: Annotated[int | None, Query(ge=0, le=MAX_INDEX,
-                                             description="go to this feature")] = None):
+                                             description="go to this feature")] = None,
+           q: Annotated[str | None, Query(max_length=400, description="only features with an "
+                                          "explanation that matches these words")] = None):
     src = load_source(session, model, source)
     if jump is not None:
         return RedirectResponse(urls.feature(model, source, jump), status_code=303)
-    tag = etag(request, src.version_hash if src.status == "ready" else None)
+    version = explanation_db.version(session)
+    tag = etag(request, explanations.page_version(
+        src.version_hash if src.status == "ready" else None, version))
     if (cached := not_modified(request, tag)) is not None:
         return cached
     order = order or queries.default_order(sort)
     desc = order == "desc"
     after = decode_next(next, sort, desc) if next else None
-    rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc, after=after,
-                                 limit=limit + 1)
+    q = (q or "").strip() or None
+    within = explanation_db.matching_features(
+        dialect=session.get_bind().dialect.name, query=q, source_id=src.id) if q else None
+    if q and within is None:  # a filter of stop words or exclusions only: nothing matches
+        rows = []
+    else:
+        rows = queries.features_page(session, source_id=src.id, sort=sort, desc=desc,
+                                     after=after, limit=limit + 1, within=within)
     more, rows = len(rows) > limit, rows[:limit]
     vocab = request.app.state.vocabs.get(session, model_id=src.model_id,
                                          tokenizer_hash=src.tokenizer_hash)
+    best = explanations.of_features(session, request.app.state.explanations, source_id=src.id,
+                                    indices=[r.idx for r in rows], version=version)
     token = encode_next(sort, desc, rows[-1]) if more else None
-    keep = {"sort": sort, "order": order, "limit": limit}
+    keep = {"sort": sort, "order": order, "limit": limit, "q": q}
     ctx = SourcePage(
-        url=urls.source(model, source, **keep, next=next), model=model, source=source_detail(session, src), sort=sort, order=order, limit=limit,
+        url=urls.source(model, source, **keep, next=next), model=model,
+        source=source_detail(session, src), sort=sort, order=order, limit=limit, q=q,
         features=[FeatureRow(index=r.idx, max_act=r.max_act, frac_active=r.frac_active,
                              top_tokens=[TokenCount(id=t, text=vocab.text(t), count=c)
                                          for t, c in r.top_tokens],
+                             explanation=best[r.idx].explanations[0].text if r.idx in best
+                             else None,
                              url=urls.feature(model, source, r.idx)) for r in rows],
         next=token, next_url=urls.source(model, source, **keep, next=token) if token else None)
     return render(request, ctx, template="source.html", partial="_features.html", tag=tag)

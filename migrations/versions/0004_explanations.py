@@ -6,6 +6,10 @@ Create Date: 2026-12-02 02:00:00
 
 SQLite: an FTS5 table with external content, kept by triggers. PostgreSQL: a GIN index on
 to_tsvector('english', text), which queries must spell the same way to use.
+
+`explanations_version` holds one row whose counter triggers move on every write to the three
+tables (per row on SQLite, per statement on PostgreSQL): pages that show explanations carry it
+in their ETag, and the server reloads its search index and scorer judgements when it moves.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -27,6 +31,20 @@ SQLITE_FTS = [
     "INSERT INTO explanations_fts(explanations_fts, rowid, text) "
     "VALUES ('delete', old.id, old.text); "
     "INSERT INTO explanations_fts(rowid, text) VALUES (new.id, new.text); END",
+]
+
+VERSIONED = ("explanations", "explanation_scores", "explanation_vectors")
+SQLITE_VERSION = [
+    f"CREATE TRIGGER {table}_version_{op[0].lower()} AFTER {op} ON {table} BEGIN "
+    "UPDATE explanations_version SET version = version + 1 WHERE id = 1; END"
+    for table in VERSIONED for op in ("INSERT", "UPDATE", "DELETE")
+]
+POSTGRES_VERSION = [
+    "CREATE FUNCTION explanations_version_bump() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN UPDATE explanations_version SET version = version + 1 WHERE id = 1; RETURN NULL; "
+    "END $$",
+    *(f"CREATE TRIGGER {table}_version AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
+      "FOR EACH STATEMENT EXECUTE FUNCTION explanations_version_bump()" for table in VERSIONED),
 ]
 
 
@@ -71,19 +89,36 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('explanation_id'),
         sqlite_with_rowid=False,
     )
+    version = op.create_table(
+        'explanations_version',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('version', sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint('id'),
+    )
+    op.bulk_insert(version, [{'id': 1, 'version': 0}])
     if op.get_bind().dialect.name == 'sqlite':
-        for statement in SQLITE_FTS:
+        for statement in SQLITE_FTS + SQLITE_VERSION:
             op.execute(statement)
     else:
         op.execute("CREATE INDEX ix_explanations_text_search ON explanations "
                    "USING gin (to_tsvector('english', text))")
+        for statement in POSTGRES_VERSION:
+            op.execute(statement)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == 'sqlite':
         for name in ('explanations_au', 'explanations_ad', 'explanations_ai'):
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
+        for table in VERSIONED:
+            for suffix in ('i', 'u', 'd'):
+                op.execute(f"DROP TRIGGER IF EXISTS {table}_version_{suffix}")
         op.execute("DROP TABLE IF EXISTS explanations_fts")
+    else:
+        for table in VERSIONED:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_version ON {table}")
+        op.execute("DROP FUNCTION IF EXISTS explanations_version_bump()")
+    op.drop_table('explanations_version')
     op.drop_table('explanation_vectors')
     op.drop_index('ix_explanation_scores_explanation', table_name='explanation_scores')
     op.drop_table('explanation_scores')

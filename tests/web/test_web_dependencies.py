@@ -129,9 +129,11 @@ def test_the_server_imports_only_declared_dependencies(web_db):
             (f"/tokens?model={m}&token=the", 200), (f"/search?model={m}", 200),
             (f"/{m}/1-mlp/3/try?text=hello", 200), ("/docs", 200), ("/openapi.json", 200),
             ("/static/style.css", 200), (f"/{m}/no-such-source", 404),
-            (f"/api/v1/random/{m}/1-mlp", 200)]
+            (f"/api/v1/random/{m}/1-mlp", 200), ("/search/explanations?q=the", 200),
+            (f"/search/explanations.json?q=the&model={m}", 200)]
     posts = [("/api/v1/activations", json.dumps({"model": m, "source": "1-mlp", "index": 3,
-                                                 "text": "hello"}), 503)]
+                                                 "text": "hello"}), 503),
+             ("/api/explanation/search-all", json.dumps({"query": "the"}), 200)]
     requests = [("GET", p, None) for p, _ in gets] + [("POST", p, b) for p, b, _ in posts]
     closure = declared_closure()
     own = _norm(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"])
