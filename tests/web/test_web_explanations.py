@@ -25,7 +25,8 @@ from app.explanation_schemas import ExplanationSearchOut
 from app.explanation_search import SearchIndex
 from app.explanations import MIN_PAIRS
 from app.main import create_app
-from app.schemas import ErrorOut, FeaturePage, NpFeature, SourcePage
+from app.neuronpedia_schemas import NpFeature
+from app.schemas import ErrorOut, FeaturePage, SourcePage
 
 
 @dataclass
