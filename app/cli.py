@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="cache the default model and built-in corpora")
     pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
     pr.set_defaults(func=cmd_prepare)
+
+    from app.commands import keys
+    keys.register(sub)
     return p
 
 

@@ -6,10 +6,11 @@ documented here and kept stable. Errors share one envelope: `ErrorOut`.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.schema_types import In, UtcTime
 
 
 class Out(BaseModel):
@@ -87,8 +88,8 @@ class SourceDetail(SourceOut):
     metrics: SaeMetrics | None = Field(description="SAE quality metrics, when the SAE has them")
     harvest_config: dict
     version_hash: str | None
-    created_at: dt.datetime
-    finished_at: dt.datetime | None
+    created_at: UtcTime
+    finished_at: UtcTime | None
     dataset_info: DatasetOut
 
 
@@ -206,10 +207,9 @@ class FeaturePage(Out):
 # ------------------------------------------------------------------ live inference and search
 
 
-class ActivationsIn(BaseModel):
+class ActivationsIn(In):
     """One feature's activations on text of your own: give `text`, `texts` or `tokens`."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=128, examples=["smollm2-135m-instruct"])
     source: str = Field(max_length=128, examples=["6-mlp"])
     index: int = Field(ge=0, le=2**31 - 1)
@@ -243,8 +243,7 @@ class ActivationsOut(Out):
     results: list[TextActivations] | None = Field(None, description="one per text of `texts`")
 
 
-class SearchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchIn(In):
     model: str = Field(max_length=128)
     text: str
     sources: list[str] | None = Field(None, description="source slugs; default: every live "
@@ -327,14 +326,18 @@ class NpActivation(Out):
     lossValues: list[float] = []
 
 
-class NpFeatureRef(BaseModel):
+class NpFeatureRef(In):
+    model_config = ConfigDict(extra="ignore")
+
     modelId: str = Field(max_length=128)
     source: str = Field(max_length=128)
     index: str | int
 
 
-class NpActivationNewIn(BaseModel):
+class NpActivationNewIn(In):
     """The body of Neuronpedia's POST /api/activation/new."""
+
+    model_config = ConfigDict(extra="ignore")
 
     feature: NpFeatureRef
     customText: str

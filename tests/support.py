@@ -234,6 +234,13 @@ def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, 
     return sae.requires_grad_(False)
 
 
+LOOPBACK = ("127.0.0.1", 50000)
+"""A TestClient's address (`TestClient(app, client=LOOPBACK)`) for a test of what the server
+does rather than who may ask it: a request from the server's own machine, which needs no key
+on a server bound to loopback (the default) and has no rate limit, like a browser or script
+next to `make run`."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

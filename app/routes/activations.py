@@ -2,7 +2,8 @@
 the same shaped like Neuronpedia's `POST /api/activation/new`.
 
 Both run the model through the model queue (`app.model_queue`); without `serve --live` they
-answer 503 saying how to enable it.
+answer 503 saying how to enable it. They need the `live` scope, and hold no database connection
+while they wait for the model.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import json
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.db import queries
-from app.routes.deps import SessionDep, invalid, load_source, model_queue, not_found
+from app.keys import Scope
+from app.routes.access import requires
+from app.routes.deps import MAX_INDEX, invalid, load_source, model_queue, not_found, read_db
 from app.routes.errors import documented
 from app.schemas import (
     ActivationsIn,
@@ -45,6 +47,12 @@ def ready_feature(session: Session, model: str, source: str, index: int) -> Row:
     return src
 
 
+def _feature_and_vocab(session: Session, vocabs: queries.VocabCache, model: str, source: str,
+                       index: int) -> tuple[Row, queries.Vocab]:
+    src = ready_feature(session, model, source, index)
+    return src, vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+
+
 def _text_out(ids: list[int], run: Activations, vocab: queries.Vocab) -> TextActivations:
     return TextActivations(tokens=list(vocab.many(ids)), token_ids=ids,
                            values=run.values.tolist(), max_value=run.max_value,
@@ -52,15 +60,15 @@ def _text_out(ids: list[int], run: Activations, vocab: queries.Vocab) -> TextAct
 
 
 @router.post("/api/v1/activations", response_model=ActivationsOut, responses=ERRORS,
-             summary="One feature's activation at every token of your own text")
-async def activations(request: Request, body: ActivationsIn, session: SessionDep):
+             summary="One feature's activation at every token of your own text",
+             dependencies=[requires(Scope.live)])
+async def activations(request: Request, body: ActivationsIn):
     given = [x for x in (body.text, body.texts, body.tokens) if x is not None]
     if len(given) != 1:
         raise invalid("give exactly one of text, texts or tokens")
     queue = model_queue(request)
-    src = await run_in_threadpool(ready_feature, session, body.model, body.source, body.index)
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session,
-                                    model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+    src, vocab = await read_db(request, _feature_and_vocab, request.app.state.vocabs,
+                               body.model, body.source, body.index)
     if body.tokens is not None:
         if not body.tokens:
             raise invalid("tokens is empty")
@@ -83,17 +91,18 @@ async def activations(request: Request, body: ActivationsIn, session: SessionDep
 
 
 @router.post("/api/activation/new", response_model=NpActivationNewOut, responses=ERRORS,
-             summary="Activations on your text, shaped like Neuronpedia's /api/activation/new")
-async def neuronpedia_activation(request: Request, body: NpActivationNewIn, session: SessionDep):
+             summary="Activations on your text, shaped like Neuronpedia's /api/activation/new",
+             dependencies=[requires(Scope.live)])
+async def neuronpedia_activation(request: Request, body: NpActivationNewIn):
     try:
         index = int(body.feature.index)
     except ValueError:
         raise invalid(f"feature.index must be an integer, got {body.feature.index!r}") from None
-    if index < 0:
-        raise invalid("feature.index must be at least 0")
+    if not 0 <= index <= MAX_INDEX:
+        raise invalid(f"feature.index must be 0 to {MAX_INDEX}, got {index}")
     req = ActivationsIn(model=body.feature.modelId, source=body.feature.source, index=index,
                         text=body.customText)
-    out = json.loads((await activations(request, req, session)).body)
+    out = json.loads((await activations(request, req)).body)
     values = out["values"]
     return NpActivationNewOut(tokens=out["tokens"], values=values, maxValue=out["max_value"],
                               maxValueTokenIndex=out["max_index"], minValue=min(values))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.db import queries
 from app.inference_errors import InferenceOff
 from app.model_queue import ModelQueue
+
+T = TypeVar("T")
 
 SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_INDEX = 2**31 - 1
@@ -31,6 +34,18 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _in_session(engine, fn: Callable[..., T], args) -> T:
+    with Session(engine) as session:
+        return fn(session, *args)
+
+
+async def read_db(request: Request, fn: Callable[..., T], *args) -> T:
+    """fn(session, *args) in a worker thread, on a session of its own that is closed (its
+    connection back in the pool) when fn returns. Views that wait for something else (the
+    model queue) read through this, so that no connection waits with them."""
+    return await run_in_threadpool(_in_session, request.app.state.engine, fn, args)
 ModelSlug = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=128,
                                 description="model slug, e.g. smollm2-135m-instruct")]
 SourceSlug = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=128,

@@ -1,0 +1,1 @@
+"""CLI commands in modules of their own, each exposing `register(subparsers)`."""
