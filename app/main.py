@@ -150,10 +150,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     errors.install(app)
     app.mount("/static", Assets(directory=STATIC_DIR), name="static")
     # Fixed paths (/docs, /api/..., /search, /tokens, /lists) before the /{model}/... patterns.
-    for module in (docs, api, neuronpedia, neuronpedia_lists, activations, search, tokens,
-                   lists, trial, features, models, sources):
-        app.include_router(module.router)
-    methods.refuse_other_methods(app)
+    routers = [m.router for m in (docs, api, neuronpedia, neuronpedia_lists, activations, search,
+                                  tokens, lists, trial, features, models, sources)]
+    for router in [methods.refusals(routers), *routers]:
+        app.include_router(router)
     return app
 
 

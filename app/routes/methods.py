@@ -4,9 +4,8 @@ read it as a feature. (HEAD is answered wherever GET is by `app.middleware.HeadA
 
 from __future__ import annotations
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.routing import APIRoute
-from starlette.routing import Route
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.routing import APIRoute, iter_route_contexts
 
 
 def _refusal(allow: str):
@@ -17,13 +16,17 @@ def _refusal(allow: str):
     return refuse
 
 
-def refuse_other_methods(app: FastAPI) -> None:
-    """Put a 405 for GET in front of every path the routes serve without GET."""
+def refusals(routers: list[APIRouter]) -> APIRouter:
+    """A router, to include before `routers`, with a 405 for GET on every path they serve
+    without GET."""
     served: dict[str, set[str]] = {}
-    for route in app.router.routes:
-        if isinstance(route, APIRoute):
-            served.setdefault(route.path, set()).update(route.methods)
+    for router in routers:
+        for route in iter_route_contexts(router.routes):
+            if isinstance(route.original_route, APIRoute):
+                served.setdefault(route.path_format, set()).update(route.methods)
+    out = APIRouter()
     for path, methods in served.items():
         if "GET" not in methods:
-            app.router.routes.insert(0, Route(path, _refusal(", ".join(sorted(methods))),
-                                              methods=["GET"], include_in_schema=False))
+            out.add_api_route(path, _refusal(", ".join(sorted(methods))), methods=["GET"],
+                              include_in_schema=False)
+    return out

@@ -7,7 +7,7 @@ of FastAPI's own shape of a 422."""
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from app.keys import Scope
 from app.routes.access import Access, scope_of
@@ -52,8 +52,8 @@ def complete(app: FastAPI, spec: dict) -> dict:
     access: Access = app.state.access
     spec.setdefault("components", {}).setdefault("schemas", {}).setdefault(
         "ErrorOut", ErrorOut.model_json_schema())
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
+    for route in iter_route_contexts(app.routes):  # included routers' routes, with their context
+        if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
             continue
         found = scope_of(route)
         ops = spec["paths"].get(route.path_format, {})
