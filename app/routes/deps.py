@@ -37,7 +37,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _in_session(engine, fn: Callable[..., T], args) -> T:
-    with Session(engine) as session:
+    with Session(engine, expire_on_commit=False) as session:
         return fn(session, *args)
 
 
