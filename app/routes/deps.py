@@ -25,7 +25,12 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     connection back to the pool at once, on the event loop: for SQLite a memory operation, for
     PostgreSQL one short round trip (the rollback of the read transaction). Sending the close to
     a worker thread instead would queue it behind other requests' views, and under many
-    concurrent requests the finished ones would hold every connection of the pool."""
+    concurrent requests the finished ones would hold every connection of the pool.
+
+    It closes when the view returns, before the answer is sent (`scope="function"`): held
+    while a large answer streams to a slow client, connections ran out under load, and a view
+    that reads on the event loop (the feature page on SQLite) then waited for one with the
+    loop blocked."""
     session = Session(request.app.state.engine)
     try:
         yield session
@@ -33,7 +38,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def _in_session(engine, fn: Callable[..., T], args) -> T:

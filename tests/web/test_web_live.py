@@ -258,6 +258,56 @@ def test_a_request_that_waits_too_long_is_503_with_retry_after(client, live, wor
     assert client.post("/api/v1/activations", json=req).status_code == 200
 
 
+def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, live_key):
+    """16 clients post to the model while it is busy, beside readers of feature pages, over a
+    pool of 2 connections that gives up after 1 s: the live requests get 200, 429 or 503
+    (never a 5xx from an exhausted pool), and the pages keep answering."""
+    from sqlalchemy.orm import Session
+
+    from app.keys import create_key
+
+    with Session(world.engine) as session:
+        keys = [live_key, create_key(session, name="second", scope="live")[1]]
+    engine = make_engine(world.url, pool_size=2, max_overflow=0, pool_timeout=1)
+    queue = ModelQueue(world.models, InferenceLimits(max_tokens=MAX_TOKENS, max_wait=0.5))
+    app = create_app(Settings(database_url=world.url, live_rate=120, live_burst=10),
+                     engine=engine, live=queue)
+    release, started = threading.Event(), threading.Event()
+
+    def hold(models):
+        started.set()
+        release.wait(10)
+
+    live_codes, page_codes = [], []
+    with TestClient(app, client=("198.51.100.20", 40000)) as c:
+        busy = c.portal.start_task_soon(queue.call, hold)
+        assert started.wait(10)
+
+        def poster(i: int) -> None:
+            req = {"model": world.lm.slug, "source": "0-mlp", "index": i, "text": f"x = {i}"}
+            for _ in range(4):
+                r = c.post("/api/v1/activations", json=req,
+                           headers={"x-api-key": keys[i % 2]})
+                live_codes.append(r.status_code)
+
+        def reader(i: int) -> None:
+            for j in range(6):
+                page_codes.append(c.get(f"/{world.lm.slug}/1-mlp/{i + j}.json").status_code)
+
+        threads = [threading.Thread(target=poster, args=(i,)) for i in range(16)]
+        threads += [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        threading.Timer(1.5, release.set).start()
+        for t in threads:
+            t.join(60)
+        busy.result(timeout=10)
+    engine.dispose()
+    assert len(live_codes) == 64 and set(live_codes) <= {200, 429, 503}, sorted(live_codes)
+    assert {200, 429, 503} <= set(live_codes)  # served, limited, and turned away while busy
+    assert page_codes == [200] * 24
+
+
 # ------------------------------------------------------------------ search by text
 
 
