@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 from app.db import queries
 from app.keys import Scope
 from app.routes.access import requires
-from app.routes.deps import MAX_INDEX, invalid, load_source, model_queue, not_found, read_db
+from app.routes.deps import (
+    MAX_INDEX,
+    checked,
+    invalid,
+    load_source,
+    model_queue,
+    not_found,
+    read_db,
+)
 from app.routes.errors import documented
 from app.schemas import (
     ActivationsIn,
@@ -100,8 +108,8 @@ async def neuronpedia_activation(request: Request, body: NpActivationNewIn):
         raise invalid(f"feature.index must be an integer, got {body.feature.index!r}") from None
     if not 0 <= index <= MAX_INDEX:
         raise invalid(f"feature.index must be 0 to {MAX_INDEX}, got {index}")
-    req = ActivationsIn(model=body.feature.modelId, source=body.feature.source, index=index,
-                        text=body.customText)
+    req = checked(ActivationsIn, model=body.feature.modelId, source=body.feature.source,
+                  index=index, text=body.customText)
     out = json.loads((await activations(request, req)).body)
     values = out["values"]
     return NpActivationNewOut(tokens=out["tokens"], values=values, maxValue=out["max_value"],

@@ -7,6 +7,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
@@ -74,6 +75,19 @@ def load_source(session: Session, model: str, source: str) -> Row:
 
 def invalid(what: str) -> HTTPException:
     return HTTPException(status_code=422, detail=what)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def checked(model: type[M], /, **fields) -> M:
+    """A request model a view makes from parts of a request (query parameters, another API's
+    body): 422 saying why when they do not fit it."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise invalid("; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'request'}: "
+                                f"{e['msg']}" for e in exc.errors()[:5])) from None
 
 
 def model_queue(request: Request) -> ModelQueue:

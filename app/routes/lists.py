@@ -40,6 +40,7 @@ from app.routes.deps import (
     ModelSlug,
     SessionDep,
     SourceSlug,
+    checked,
     not_found,
     read_db,
 )
@@ -247,19 +248,20 @@ def _to(lst: FeatureList) -> RedirectResponse:
 @router.post("/lists", include_in_schema=False)
 async def create_form(request: Request, caller: Writer):
     form = await read_form(request, NewListForm)
-    return _to(await read_db(request, create, caller, ListIn(**form.model_dump())))
+    return _to(await read_db(request, create, caller, checked(ListIn, **form.model_dump())))
 
 
 @router.post("/lists/add", include_in_schema=False)
 async def add_form(request: Request, caller: Writer):
     form = await read_form(request, AddForm)
-    item = ListFeatureIn(model=form.model, source=form.source, index=form.index, note=form.note)
+    item = checked(ListFeatureIn, model=form.model, source=form.source, index=form.index,
+                   note=form.note)
 
     def run(session: Session) -> FeatureList:
         list_id = form.list
         if form.new_list.strip():
             _feature_exists(session, item.model, item.source, item.index)
-            list_id = create(session, caller, ListIn(name=form.new_list.strip())).id
+            list_id = create(session, caller, checked(ListIn, name=form.new_list.strip())).id
         elif not list_id:
             raise HTTPException(422, "choose a list, or name a new one")
         return add(session, request, caller, list_id, item)

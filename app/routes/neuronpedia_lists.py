@@ -30,7 +30,7 @@ from app.list_schemas import (
     NpUser,
 )
 from app.routes.access import sender
-from app.routes.deps import MAX_INDEX, invalid, read_db
+from app.routes.deps import MAX_INDEX, checked, invalid, read_db
 from app.routes.errors import documented
 from app.routes.features import build_feature
 from app.routes.lists import ListFeatureIn, ListIn, Writer, add, create, load_list
@@ -97,8 +97,8 @@ async def get_list(request: Request, body: NpListGetIn):
 @_post("/new", response_model=NpList, responses=documented(413, 422),
        summary="Make a list, like Neuronpedia's /api/list/new")
 async def new_list(request: Request, caller: Writer, body: NpListNewIn):
-    return await read_db(request, lambda s: np_list(s, None, create(
-        s, caller, ListIn(name=body.name, description=body.description))))
+    new = checked(ListIn, name=body.name, description=body.description)
+    return await read_db(request, lambda s: np_list(s, None, create(s, caller, new)))
 
 
 def _index(value: str | int) -> int:
@@ -114,8 +114,8 @@ def _index(value: str | int) -> int:
 @_post("/add-features", response_model=list[NpListEntry], responses=documented(404, 413, 422),
        summary="Put features on a list, like Neuronpedia's /api/list/add-features")
 async def add_features(request: Request, caller: Writer, body: NpAddFeaturesIn):
-    items = [ListFeatureIn(model=f.modelId, source=f.layer, index=_index(f.index),
-                           note=f.description or "") for f in body.featuresToAdd]
+    items = [checked(ListFeatureIn, model=f.modelId, source=f.layer, index=_index(f.index),
+                     note=f.description or "") for f in body.featuresToAdd]
 
     def run(session: Session) -> list[NpListEntry]:
         lst = load_list(session, body.listId)

@@ -25,7 +25,7 @@ from app.inference_errors import InferenceError
 from app.keys import Scope
 from app.model_queue import MAX_TEXT_CHARS
 from app.routes.access import requires
-from app.routes.deps import SLUG_PATTERN, model_queue, not_found, read_db
+from app.routes.deps import SLUG_PATTERN, checked, model_queue, not_found, read_db
 from app.routes.errors import described, documented
 from app.routes.forms import read_form
 from app.routes.render import is_htmx
@@ -138,8 +138,8 @@ async def search_json(request: Request, model: Annotated[str, Query(pattern=SLUG
                       text: Annotated[str, Query(min_length=1, max_length=MAX_TEXT_CHARS)],
                       sources: Annotated[str | None, Query(max_length=4000)] = None,
                       top: Annotated[int, Query(ge=1, le=200)] = 20):
-    return _json(await run_search(request, SearchIn(model=model, text=text,
-                                                    sources=_sources(sources), top=top)))
+    return _json(await run_search(request, checked(SearchIn, model=model, text=text,
+                                                   sources=_sources(sources), top=top)))
 
 
 class SearchForm(In):
@@ -187,8 +187,9 @@ async def search_run(request: Request):
     result, error, status = None, None, 200
     if form.text.strip():
         try:
-            result = await run_search(request, SearchIn(
-                model=form.model, text=form.text, sources=_sources(form.sources), top=form.top))
+            result = await run_search(request, checked(
+                SearchIn, model=form.model, text=form.text, sources=_sources(form.sources),
+                top=form.top))
         except (HTTPException, InferenceError) as exc:
             status, error, _ = described(exc)
     return await _page(request, form.model, form.text, form.sources, result, error, status)

@@ -21,6 +21,7 @@ from support import (
     disposing_engines,
     fresh_pg_url,
     needs_postgres,
+    openapi_failures,
     random_sae,
     serve_in_thread,
 )
@@ -256,6 +257,40 @@ def test_a_request_that_waits_too_long_is_503_with_retry_after(client, live, wor
     release.set()
     busy.result(timeout=10)
     assert client.post("/api/v1/activations", json=req).status_code == 200
+
+
+def test_a_lone_surrogate_and_a_huge_index_are_422_not_500(client, world):
+    """With the models loaded: what once reached the tokenizer (a TypeError) or pydantic's
+    ValidationError unhandled (the index) is refused as malformed input."""
+    model = world.lm.slug
+    feature = {"modelId": model, "source": "0-mlp"}
+    for path, body in (
+            ("/api/v1/activations", {"model": model, "source": "0-mlp", "index": 0,
+                                     "text": "a\ud800b"}),
+            ("/api/v1/search", {"model": model, "text": "a\ud800b"}),
+            ("/api/activation/new", {"feature": {**feature, "index": 0},
+                                     "customText": "a\ud800b"}),
+            ("/api/activation/new", {"feature": {**feature, "index": 99999999999},
+                                     "customText": "hi"}),
+            ("/api/activation/new", {"feature": {**feature, "index": "99999999999"},
+                                     "customText": "hi"})):
+        r = client.post(path, content=json.dumps(body),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["status"] == 422
+    ok = client.post("/api/activation/new", json={"feature": {**feature, "index": "0"},
+                                                  "customText": "a b"})
+    assert ok.status_code == 200
+
+
+def test_the_live_answers_keep_to_the_openapi_description(world, live, live_key):
+    """A bounded schemathesis run with the models loaded and a live key, on a server bound to
+    every interface: no 5xx but a documented 503 (the model busy), and no answer that breaks
+    the description."""
+    app = create_app(Settings(database_url=world.url, host="0.0.0.0", live_rate=0),
+                     engine=world.engine, live=live)
+    failures = openapi_failures(app, headers={"x-api-key": live_key}, max_examples=25)
+    assert not failures, "\n\n".join(failures)
 
 
 def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, live_key):
