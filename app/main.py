@@ -131,6 +131,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     """The explorer over `engine` (default: settings.db_url). The schema must be up to date
     (`serve` upgrades it first). `live`: the loaded models for your own text (`serve --live`).
     `settings.host` is the address the server binds to (loopback: local requests need no key)."""
+    access = Access(settings)
+    # Reading needs a key only where the settings close it; where it is open (the default),
+    # the hot read paths skip the check altogether.
     app = Explorer(title="featurescope",
                    summary="Neurons and SAE features of transformer language models",
                    description="Every page answers as JSON with `.json` appended to its URL. "
@@ -138,9 +141,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
                    " What runs the model or writes needs an API key with its scope, sent as "
                    "`x-api-key` or `Authorization: Bearer` (each operation says which).",
                    version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
-                   dependencies=[requires(Scope.read)])
+                   dependencies=[] if Scope.read in access.open else [requires(Scope.read)])
     app.state.settings = settings
-    app.state.access = Access(settings)
+    app.state.access = access
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
     tune_for_reads(app.state.engine)
     app.state.build = build_id()

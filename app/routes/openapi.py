@@ -55,11 +55,11 @@ def complete(app: FastAPI, spec: dict) -> dict:
     for route in iter_route_contexts(app.routes):  # included routers' routes, with their context
         if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
             continue
-        found = scope_of(route)
-        ops = spec["paths"].get(route.path_format, {})
+        found = scope_of(route) or (Scope.read, False)  # reading: open unless the settings
+        ops = spec["paths"].get(route.path_format, {})  # close it (then a route declares it)
         for method in route.methods:
             op = ops.get(method.lower())
-            if op is not None and found is not None:
+            if op is not None:
                 _complete_operation(op, *found, access)
     for schemas in ("HTTPValidationError", "ValidationError"):
         if f"#/components/schemas/{schemas}" not in str(spec["paths"]):
