@@ -22,11 +22,8 @@ import asyncio
 import importlib.util
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -125,39 +122,20 @@ def _quantiles(lat: list[float]) -> tuple[float, float]:
 
 def serve_and_load(url: str, model: str, n: int, args) -> dict:
     serve_bench = _module("serve")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
-                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                serve_bench._get(port, "/.json")
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
-        rng = random.Random(0)
+    rng = random.Random(0)
 
-        def pick():
-            kind, i = rng.choice(KINDS), rng.randrange(n)
-            page = f"/{model}/0-big/{i}"
-            return kind, {"page": page, "json": page + ".json",
-                          "api/feature": f"/api/feature/{model}/0-big/{i}"}[kind]
+    def pick():
+        kind, i = rng.choice(KINDS), rng.randrange(n)
+        page = f"/{model}/0-big/{i}"
+        return kind, {"page": page, "json": page + ".json",
+                      "api/feature": f"/api/feature/{model}/0-big/{i}"}[kind]
 
-        cpu0 = serve_bench.cpu_seconds(server.pid)
+    with serve_bench.serving(url) as (port, pid, log):
+        cpu0 = serve_bench.cpu_seconds(pid)
         out, codes, wall = run_load(port, pick, args.seconds, args.connections)
-        cpu1 = serve_bench.cpu_seconds(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.seek(0)
-        errors = [line for line in log if " 500 " in line or "Traceback" in line]
+        cpu1 = serve_bench.cpu_seconds(pid)
+    log.seek(0)
+    errors = [line for line in log if " 500 " in line or "Traceback" in line]
     per_kind = {k: [t for kind, t in out if kind == k] for k in KINDS}
     return {"n": len(out), "rps": len(out) / wall, "all": _quantiles([t for _, t in out]),
             "kinds": {k: (len(v) / wall, *_quantiles(v)) for k, v in per_kind.items() if v},

@@ -19,12 +19,14 @@ import argparse
 import asyncio
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +188,36 @@ def load(port: int, pick, seconds: float, connections: int, pid: int) -> dict:
     cpu = (cpu1 - cpu0) / len(lat) * 1e3 if cpu0 is not None and cpu1 is not None else None
     return {"rps": len(lat) / wall, "p50": q[49] * 1e3, "p99": q[98] * 1e3, "n": len(lat),
             "cpu": cpu}
+
+
+@contextmanager
+def serving(url: str):
+    """`featurescope serve --db URL` in a subprocess on a free port, once it answers: yields
+    (port, pid, log), the log being its stderr (a file); stopped at the end of the block."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
+                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get(port, "/.json")
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    log.seek(0)
+                    print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
+                          file=sys.stderr)
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        yield port, server.pid, log
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _get(port: int, path: str) -> bytes:

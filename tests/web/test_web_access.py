@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from support import LOOPBACK, disposing_engines, fresh_pg_url, needs_postgres, serve_in_thread
+from support import LOOPBACK, serve_in_thread
 
 from app.cli import main
 from app.config import Settings
@@ -28,17 +28,9 @@ LIVE = "/api/v1/activations"
 WRITE = "/api/v1/lists"
 
 
-@pytest.fixture(scope="module",
-                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, write_db, tmp_path_factory):
-    """The tiny Llama's harvest in a SQLite file, and in a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('access') / 'access.db'}"
-    else:
-        needs_postgres()
-        url = fresh_pg_url("fs_test_access")
-    with disposing_engines(url):
-        yield write_db(url, slice(0, 1))
+@pytest.fixture(scope="module")
+def db(llama_db):
+    return llama_db
 
 
 @pytest.fixture(scope="module")

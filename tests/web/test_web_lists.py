@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
-from support import LOOPBACK, disposing_engines, fresh_pg_url, needs_postgres, serve_in_thread
+from support import LOOPBACK, serve_in_thread
 
 from app.config import Settings
 from app.db import lists as store
@@ -23,16 +23,9 @@ REMOTE = ("203.0.113.9", 40000)
 NOTE = '<script>alert("x")</script> fires on "def" & friends'
 
 
-@pytest.fixture(scope="module",
-                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, write_db, tmp_path_factory):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('lists') / 'lists.db'}"
-    else:
-        needs_postgres()
-        url = fresh_pg_url("fs_test_lists")
-    with disposing_engines(url):
-        yield write_db(url, slice(0, 1))
+@pytest.fixture(scope="module")
+def db(llama_db):
+    return llama_db
 
 
 @pytest.fixture(scope="module")
