@@ -46,7 +46,7 @@ def build_db(path: Path) -> None:
 
     from app.db.engine import make_engine, upgrade
     from app.db.tables import Dataset, Model, Source, Vocabulary
-    from app.schemas import HIST_BINS
+    from app.histogram import HIST_BINS
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -202,18 +202,13 @@ def serving(url: str):
                                str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(port, "/.json")
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    log.seek(0)
-                    print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
-                          file=sys.stderr)
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
+        try:
+            wait_until_up(port, server)
+        except SystemExit:
+            log.seek(0)
+            print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
+                  file=sys.stderr)
+            raise
         yield port, server.pid, log
     finally:
         server.terminate()
@@ -265,16 +260,21 @@ def _is_bench_db(db: Path) -> bool:
         return False
 
 
-def _measure(port: int, static_dir: str, args, pid: int) -> int:
+def wait_until_up(port: int, server: subprocess.Popen | None = None) -> None:
+    """Until the server on `port` answers (a minute at most, or until its process ends)."""
     deadline = time.monotonic() + 60
     while True:
         try:
             _get(port, "/.json")
-            break
+            return
         except OSError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (server is not None and server.poll() is not None):
                 raise SystemExit("the server did not start") from None
             time.sleep(0.2)
+
+
+def _measure(port: int, static_dir: str, args, pid: int) -> int:
+    wait_until_up(port)
     rng = random.Random(0)
     features = [(s, i) for s, _, n, _ in SOURCES for i in range(n)]
 
