@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from app.commands import embed
+from app.commands import embed, keys
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
     pr.set_defaults(func=cmd_prepare)
     embed.register(sub)
+    keys.register(sub)
     return p
 
 

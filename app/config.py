@@ -41,11 +41,52 @@ class Settings(BaseSettings):
     live_device: str = "auto"
     """Live inference: the device the models run on (auto: cuda when there is one)."""
 
+    open_scopes: str = "read"
+    """Comma-separated scopes anyone may use without a key (`read`, `live`, `write`, `admin`;
+    empty: every request needs a key). By default reading is open; running the model (`live`)
+    and writing (`write`) need a key."""
+
+    loopback_open: bool = True
+    """When the server binds to a loopback address, requests from loopback (not forwarded by a
+    proxy) need no key for any scope: `make run` on a laptop just works."""
+
+    max_body: int = 1_048_576
+    """Request bodies over this many bytes are refused (413) before they are read."""
+
+    live_rate: float = 60.0
+    """Requests per minute each key (or, without a key, each address) may make to the endpoints
+    that run the model; 0: no limit. Refused with 429 and Retry-After beyond."""
+
+    live_burst: int = 20
+    """How many such requests may come at once before the rate applies."""
+
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
         if v is not None and not v.split(":", 1)[0].startswith(("sqlite", "postgresql")):
             raise ValueError(f"FEATURESCOPE_DATABASE_URL must be sqlite or postgresql, got {v!r}")
+        return v
+
+    @field_validator("open_scopes")
+    @classmethod
+    def _check_scopes(cls, v: str) -> str:
+        from app.keys import parse_scopes
+
+        parse_scopes(v)
+        return v
+
+    @field_validator("max_body", "live_burst")
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("live_rate")
+    @classmethod
+    def _check_rate(cls, v: float) -> float:
+        if not v >= 0:
+            raise ValueError(f"must be 0 (no limit) or more, got {v}")
         return v
 
     @cached_property

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -25,6 +25,8 @@ from app.db.engine import make_engine
 from app.db.queries import VocabCache, half_table
 from app.explanation_search import SearchIndex
 from app.explanations import ExplanationCache
+from app.keys import Scope
+from app.middleware import outermost
 from app.model_queue import ModelQueue, start_live
 from app.routes import (
     ablate,
@@ -34,10 +36,14 @@ from app.routes import (
     errors,
     explanations,
     features,
+    lists,
+    methods,
     models,
     neuronpedia,
     neuronpedia_live,
     patch,
+    neuronpedia_lists,
+    openapi,
     search,
     sources,
     steer,
@@ -45,6 +51,7 @@ from app.routes import (
     trial,
 )
 from app.routes.intervention_present import GLOBALS as INTERVENTION_GLOBALS
+from app.routes.access import Access, is_loopback, requires
 from app.routes.present import GLOBALS
 
 log = logging.getLogger(__name__)
@@ -53,35 +60,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES_DIR = ROOT / "templates"
 STATIC_DIR = ROOT / "static"
 HTMX = STATIC_DIR / "vendor" / "htmx.min.js"
-
-SECURITY_HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; script-src 'self'; style-src 'self'; "
-     b"img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
-     b"frame-ancestors 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
-]
-
-
-class SecurityHeaders:
-    """Pure ASGI middleware: a strict Content-Security-Policy (no inline script, so corpus text
-    could run nothing even if it escaped) and nosniff on every response."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        return await self.app(scope, receive, send_with_headers)
-
 
 WORKER_THREADS = 2 * (os.cpu_count() or 1) + 2
 """Threads that run the sync views. The work of a view is mostly CPU under the GIL (rows from
@@ -129,16 +107,51 @@ def tune_for_reads(engine: Engine) -> None:
         cur.close()
 
 
+class Assets(StaticFiles):
+    """The files under static/ that pages load (styles, scripts, images), and nothing else
+    there (not the script that fetches the vendored ones, nor its version stamp)."""
+
+    SUFFIXES = frozenset({".css", ".js", ".svg", ".png", ".ico", ".woff2"})
+
+    async def get_response(self, path: str, scope):
+        if Path(path).suffix not in self.SUFFIXES:
+            raise HTTPException(404, f"nothing at /static/{path}")
+        return await super().get_response(path, scope)
+
+
+class Explorer(FastAPI):
+    """FastAPI, with `app.middleware.outermost` around its whole stack (its error handling
+    included)."""
+
+    def build_middleware_stack(self):
+        return outermost(super().build_middleware_stack(),
+                         max_bytes=self.state.settings.max_body)
+
+    def openapi(self) -> dict:
+        spec = super().openapi()
+        if getattr(self, "_completed", None) is not spec:
+            self._completed = openapi.complete(self, spec)
+        return spec
+
+
 def create_app(settings: Settings, *, engine: Engine | None = None,
                live: ModelQueue | None = None) -> FastAPI:
     """The explorer over `engine` (default: settings.db_url). The schema must be up to date
-    (`serve` upgrades it first). `live`: the loaded models for your own text (`serve --live`)."""
-    app = FastAPI(title="featurescope",
-                  summary="Neurons and SAE features of transformer language models",
-                  description="Every page answers as JSON with `.json` appended to its URL. "
-                  "Errors share one envelope: `{\"ok\": false, \"status\": 404, \"error\": ...}`.",
-                  version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    (`serve` upgrades it first). `live`: the loaded models for your own text (`serve --live`).
+    `settings.host` is the address the server binds to (loopback: local requests need no key)."""
+    access = Access(settings)
+    # Reading needs a key only where the settings close it; where it is open (the default),
+    # the hot read paths skip the check altogether.
+    app = Explorer(title="featurescope",
+                   summary="Neurons and SAE features of transformer language models",
+                   description="Every page answers as JSON with `.json` appended to its URL. "
+                   "Errors share one envelope: `{\"ok\": false, \"status\": 404, \"error\": ...}`."
+                   " What runs the model or writes needs an API key with its scope, sent as "
+                   "`x-api-key` or `Authorization: Bearer` (each operation says which).",
+                   version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+                   dependencies=[] if Scope.read in access.open else [requires(Scope.read)])
     app.state.settings = settings
+    app.state.access = access
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
     tune_for_reads(app.state.engine)
     app.state.build = build_id()
@@ -148,14 +161,25 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.state.explanations = ExplanationCache()
     app.state.search = SearchIndex()
     errors.install(app)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # Fixed paths (/docs, /api/..., /search, /tokens, /steer, /patch) before the /{model}/...
-    # patterns.
-    for module in (docs, api, neuronpedia, neuronpedia_live, activations, search, explanations,
-                   tokens, steer, patch, ablate, trial, features, models, sources):
-        app.include_router(module.router)
-    app.add_middleware(SecurityHeaders)
+    app.mount("/static", Assets(directory=STATIC_DIR), name="static")
+    # Fixed paths (/docs, /api/..., /search, /tokens, /steer, /patch, /lists) before the
+    # /{model}/... patterns.
+    routers = [m.router for m in (docs, api, neuronpedia, neuronpedia_live, neuronpedia_lists,
+                                  activations, search, explanations, tokens, steer, patch, ablate,
+                                  lists, trial, features, models, sources)]
+    for router in [methods.refusals(routers), *routers]:
+        app.include_router(router)
     return app
+
+
+def _warn_open(access: Access, host: str) -> None:
+    if is_loopback(host):
+        log.info("bound to loopback: requests from this machine need no key")
+        return
+    wide = sorted(s.value for s in access.open if s is not Scope.read)
+    if wide:
+        log.warning("serving on %s with %s open to anyone, without a key "
+                    "(FEATURESCOPE_OPEN_SCOPES)", host, ", ".join(wide))
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,12 +190,14 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = make_engine(args.db or settings.db_url)
     upgrade(engine)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    settings = settings.model_copy(update={"host": host, "port": port})
     live = start_live(engine, settings) if getattr(args, "live", False) else None
     if live is not None and not live.models.models:
         log.warning("--live: no model could be loaded; serving the stored features only")
     app = create_app(settings, engine=engine, live=live)
-    host = args.host or settings.host
-    port = args.port or settings.port
+    _warn_open(app.state.access, host)
     if not HTMX.is_file():
         log.warning("%s is missing (run static/fetch_vendor.sh): pages work, without partial "
                     "updates", HTMX.relative_to(ROOT))

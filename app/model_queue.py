@@ -101,6 +101,11 @@ class ModelQueue:
                               f"at most {self.limits.max_tokens} tokens per text")
             if not text.strip():
                 raise BadInput("the text is empty")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadInput("the text has a lone surrogate (not valid Unicode)") from None
         served = self.models.model(model)
         runs = await anyio.to_thread.run_sync(lambda: [served.tokenize(t) for t in texts])
         for ids in runs:

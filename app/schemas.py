@@ -6,12 +6,12 @@ documented here and kept stable. Errors share one envelope: `ErrorOut`.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.explanation_schemas import ExplanationOut, ScorerJudgement
+from app.schema_types import In, UtcTime
 
 
 class Out(BaseModel):
@@ -89,8 +89,8 @@ class SourceDetail(SourceOut):
     metrics: SaeMetrics | None = Field(description="SAE quality metrics, when the SAE has them")
     harvest_config: dict
     version_hash: str | None
-    created_at: dt.datetime
-    finished_at: dt.datetime | None
+    created_at: UtcTime
+    finished_at: UtcTime | None
     dataset_info: DatasetOut
 
 
@@ -216,10 +216,9 @@ class FeaturePage(Out):
 # ------------------------------------------------------------------ live inference and search
 
 
-class ActivationsIn(BaseModel):
+class ActivationsIn(In):
     """One feature's activations on text of your own: give `text`, `texts` or `tokens`."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=128, examples=["smollm2-135m-instruct"])
     source: str = Field(max_length=128, examples=["6-mlp"])
     index: int = Field(ge=0, le=2**31 - 1)
@@ -253,8 +252,7 @@ class ActivationsOut(Out):
     results: list[TextActivations] | None = Field(None, description="one per text of `texts`")
 
 
-class SearchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchIn(In):
     model: str = Field(max_length=128)
     text: str
     sources: list[str] | None = Field(None, description="source slugs; default: every live "

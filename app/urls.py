@@ -166,3 +166,22 @@ def docs() -> str:
 
 def openapi() -> str:
     return "/openapi.json"
+
+
+def lists() -> str:
+    """The newest lists of features, and the form that makes one."""
+    return "/lists"
+
+
+def feature_list(list_id: str) -> str:
+    """One list of features (shared by its link)."""
+    return f"/lists/{_seg(list_id)}"
+
+
+def list_add(model: str, source: str, index: int) -> str:
+    """The form that puts a feature on a list, with a note."""
+    return _with_query("/lists/add", {"model": model, "source": source, "index": int(index)})
+
+
+def list_remove(list_id: str) -> str:
+    return f"{feature_list(list_id)}/remove"

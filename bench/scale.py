@@ -19,8 +19,6 @@ import argparse
 import importlib.util
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -124,35 +122,17 @@ def write_source(url: str, lm, ds, state: SourceState, cfg: HarvestConfig, direc
 
 
 def serve_latency(url: str, model: str, n: int, seconds: float, serve_bench) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
-                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                serve_bench._get(port, "/.json")
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
+    with serve_bench.serving(url) as (port, pid, log):
         rng = random.Random(0)
         page = lambda: f"/{model}/0-big/{rng.randrange(n)}"  # noqa: E731
         try:
-            html = serve_bench.load(port, page, seconds, 32, server.pid)
-            js = serve_bench.load(port, lambda: page() + ".json", seconds, 32, server.pid)
+            html = serve_bench.load(port, page, seconds, 32, pid)
+            js = serve_bench.load(port, lambda: page() + ".json", seconds, 32, pid)
         except SystemExit:
             log.seek(0)
             print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
                   file=sys.stderr)
             raise
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
     return {"html": html, "json": js}
 
 

@@ -19,12 +19,14 @@ import argparse
 import asyncio
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +46,7 @@ def build_db(path: Path) -> None:
 
     from app.db.engine import make_engine, upgrade
     from app.db.tables import Dataset, Model, Source, Vocabulary
-    from app.schemas import HIST_BINS
+    from app.histogram import HIST_BINS
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -188,6 +190,31 @@ def load(port: int, pick, seconds: float, connections: int, pid: int) -> dict:
             "cpu": cpu}
 
 
+@contextmanager
+def serving(url: str):
+    """`featurescope serve --db URL` in a subprocess on a free port, once it answers: yields
+    (port, pid, log), the log being its stderr (a file); stopped at the end of the block."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
+                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        try:
+            wait_until_up(port, server)
+        except SystemExit:
+            log.seek(0)
+            print("the server's log ends with:\n" + "".join(log.readlines()[-40:]),
+                  file=sys.stderr)
+            raise
+        yield port, server.pid, log
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _get(port: int, path: str) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
         return r.read()
@@ -233,16 +260,21 @@ def _is_bench_db(db: Path) -> bool:
         return False
 
 
-def _measure(port: int, static_dir: str, args, pid: int) -> int:
+def wait_until_up(port: int, server: subprocess.Popen | None = None) -> None:
+    """Until the server on `port` answers (a minute at most, or until its process ends)."""
     deadline = time.monotonic() + 60
     while True:
         try:
             _get(port, "/.json")
-            break
+            return
         except OSError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (server is not None and server.poll() is not None):
                 raise SystemExit("the server did not start") from None
             time.sleep(0.2)
+
+
+def _measure(port: int, static_dir: str, args, pid: int) -> int:
+    wait_until_up(port)
     rng = random.Random(0)
     features = [(s, i) for s, _, n, _ in SOURCES for i in range(n)]
 

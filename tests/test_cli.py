@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import create_engine, text
-from support import stored_examples
+from support import LOOPBACK, stored_examples
 
 from app.cli import main, parse_layers
 
@@ -175,7 +175,7 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     engine = make_engine(settings.db_url)
     live = start_live(engine, settings)
     assert sorted(live.models.model(lm.slug).sources) == ["0-mlp", "15-mlp", "29-mlp"]
-    with TestClient(create_app(settings, engine=engine, live=live)) as client:
+    with TestClient(create_app(settings, engine=engine, live=live), client=LOOPBACK) as client:
         as_text = 0
         for f in (100, 777):
             page = client.get(f"/{lm.slug}/15-mlp/{f}.json").json()
@@ -253,7 +253,7 @@ def test_bfloat16_harvest_records_its_dtype_and_live_runs_in_it(tmp_path, monkey
     live = start_live(engine, settings)
     lm = next(iter(live.models.models.values())).lm
     assert lm.dtype == torch.bfloat16
-    with TestClient(create_app(settings, engine=engine, live=live)) as client:
+    with TestClient(create_app(settings, engine=engine, live=live), client=LOOPBACK) as client:
         page = client.get(f"/{lm.slug}/1-mlp/5.json").json()
         ex = page["top"][0]
         prefix = np.frombuffer(seqs[ex["seq_idx"]], dtype="<i4")[:ex["start"] + len(ex["acts"])]

@@ -82,3 +82,17 @@ def test_env_example_names_every_variable_without_a_default():
     for name in names:
         assert re.search(rf"^{name}=", example, flags=re.M), f"{name} missing from .env.example"
     assert "POSTGRES_PASSWORD=" in example
+
+
+def test_the_api_is_published_on_loopback_and_keeps_keys_required(compose):
+    """Published on all interfaces with no key, anyone on the network could run the model:
+    the API is published on this host's loopback unless FEATURESCOPE_BIND says otherwise, and
+    nothing in the compose file opens the scopes that need a key."""
+    api = compose["services"]["api"]
+    for port in api["ports"]:
+        bind = re.fullmatch(r"\$\{FEATURESCOPE_BIND:-([0-9.]+)\}:\S+:8000", port)
+        assert bind and bind.group(1) == "127.0.0.1", port
+    text = (REPO / "docker-compose.yml").read_text() + (REPO / ".env.example").read_text()
+    assert "FEATURESCOPE_OPEN_SCOPES" not in text and "FEATURESCOPE_LOOPBACK_OPEN" not in text
+    args = build_parser().parse_args(api["command"][1:])
+    assert args.host == "0.0.0.0"  # inside the container: not loopback, so keys are needed

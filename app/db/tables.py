@@ -332,3 +332,51 @@ class ExplanationsVersion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ApiKey(Base):
+    """An API key with its scope (`read`, `live`, `write` or `admin`, each including the ones
+    before it), stored as the sha256 of the key: the key itself is shown once, when made."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    scope: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(16), doc="the key's first characters, to tell "
+                                        "keys apart in listings")
+    digest: Mapped[str] = mapped_column(String(64), unique=True, doc="sha256 of the key, hex")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class FeatureList(Base):
+    """A named, shareable list of features (`/lists/{id}`); `key_id` is the key that made it
+    (null when made without one), which with an admin key may change it."""
+
+    __tablename__ = "lists"
+    __table_args__ = (Index("ix_lists_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, doc="random, URL-safe")
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ListFeature(Base):
+    """A feature on a list, with a note. Features are named by model, source and index (not by
+    row ids), so a list outlives a source harvested again."""
+
+    __tablename__ = "list_features"
+
+    list_id: Mapped[str] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    source: Mapped[str] = mapped_column(String(128), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, doc="order of addition, from 0")
+    note: Mapped[str] = mapped_column(Text, default="")
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

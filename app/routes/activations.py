@@ -2,7 +2,8 @@
 same shaped like Neuronpedia's is in `app.routes.neuronpedia_live`).
 
 It runs the model through the model queue (`app.model_queue`); without `serve --live` it
-answers 503 saying how to enable it.
+answers 503 saying how to enable it. It needs the `live` scope, and holds no database
+connection while it waits for the model.
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.db import queries
-from app.routes.deps import SessionDep, invalid, load_source, model_queue, not_found
+from app.keys import Scope
+from app.routes.access import requires
+from app.routes.deps import (
+    invalid,
+    load_source,
+    model_queue,
+    not_found,
+    read_db,
+)
 from app.routes.errors import documented
 from app.schemas import ActivationsIn, ActivationsOut, TextActivations
 
@@ -38,6 +46,12 @@ def ready_feature(session: Session, model: str, source: str, index: int) -> Row:
     return src
 
 
+def _feature_and_vocab(session: Session, vocabs: queries.VocabCache, model: str, source: str,
+                       index: int) -> tuple[Row, queries.Vocab]:
+    src = ready_feature(session, model, source, index)
+    return src, vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+
+
 def _text_out(ids: list[int], run: Activations, vocab: queries.Vocab) -> TextActivations:
     return TextActivations(tokens=list(vocab.many(ids)), token_ids=ids,
                            values=run.values.tolist(), max_value=run.max_value,
@@ -45,15 +59,15 @@ def _text_out(ids: list[int], run: Activations, vocab: queries.Vocab) -> TextAct
 
 
 @router.post("/api/v1/activations", response_model=ActivationsOut, responses=ERRORS,
-             summary="One feature's activation at every token of your own text")
-async def activations(request: Request, body: ActivationsIn, session: SessionDep):
+             summary="One feature's activation at every token of your own text",
+             dependencies=[requires(Scope.live)])
+async def activations(request: Request, body: ActivationsIn):
     given = [x for x in (body.text, body.texts, body.tokens) if x is not None]
     if len(given) != 1:
         raise invalid("give exactly one of text, texts or tokens")
     queue = model_queue(request)
-    src = await run_in_threadpool(ready_feature, session, body.model, body.source, body.index)
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session,
-                                    model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+    src, vocab = await read_db(request, _feature_and_vocab, request.app.state.vocabs,
+                               body.model, body.source, body.index)
     if body.tokens is not None:
         if not body.tokens:
             raise invalid("tokens is empty")

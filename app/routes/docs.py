@@ -41,7 +41,8 @@ def describe(spec: dict) -> dict:
                                 "description": r.get("description", "")})
             operations.append({"method": method.upper(), "path": path,
                                "summary": op.get("summary", ""), "params": params,
-                               "answers": answers})
+                               "answers": answers, "scope": op.get("x-scope", ""),
+                               "key_optional": {} in op.get("security", [{}])})
     schemas = []
     for name, s in spec.get("components", {}).get("schemas", {}).items():
         if name in ("HTTPValidationError", "ValidationError"):

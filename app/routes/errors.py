@@ -1,5 +1,6 @@
 """One error shape: the JSON envelope {"ok": false, "status": ..., "error": ...} for JSON and API
-URLs, an error page for the others. Malformed input answers 422, unknown things 404, and what
+URLs, an error page for the others, and for htmx the message alone, swapped into the element
+the request was to update. Malformed input answers 422, unknown things 404, and what
 the loaded models refuse (`app.inference_errors`) the status its error names."""
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def error_response(request: Request, status: int, message: str,
     if wants_json(request) or ("text/html" not in accept and "json" in accept):
         body = ErrorOut(status=status, error=message).model_dump_json()
         return Response(body, status_code=status, media_type="application/json", headers=headers)
-    name = "_error.html" if is_htmx(request) else "error.html"
+    name = "error.html"
+    target = request.headers.get("hx-target")
+    if is_htmx(request):  # the message in place of what the request was to update
+        name = "_alert.html"
+        if target and target.replace("-", "").replace("_", "").isalnum():
+            headers.update({"HX-Retarget": f"#{target}", "HX-Reswap": "innerHTML"})
     return request.app.state.templates.TemplateResponse(
         request, name, {"status": status, "message": message}, status_code=status,
         headers=headers)
@@ -64,11 +70,18 @@ def validation_message(errors: list) -> str:
     return "; ".join(parts) or "malformed request"
 
 
+BODY_UNREADABLE = "There was an error parsing the body"
+"""FastAPI's 400 for a body it could not decode (bytes that are not UTF-8, a broken form)."""
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = exc.detail if isinstance(exc.detail, str) else "error"
-    if exc.status_code == 404 and message == "Not Found":
+    status = exc.status_code
+    if status == 404 and message == "Not Found":
         message = f"nothing at {request.url.path}"
-    return error_response(request, exc.status_code, message, dict(exc.headers or {}))
+    if status == 400 and message == BODY_UNREADABLE:  # malformed input: 422 like the rest
+        status, message = 422, "request: the body could not be read (not UTF-8 JSON or a form)"
+    return error_response(request, status, message, dict(exc.headers or {}))
 
 
 async def _inference_error(request: Request, exc: InferenceError) -> Response:

@@ -69,13 +69,15 @@ def render(request: Request, ctx: BaseModel, *, template: str, partial: str | No
         request, name, {"ctx": ctx}, status_code=status_code, headers=headers)
 
 
-def page(router, path: str, *, name: str, schema: type[BaseModel], summary: str):
+def page(router, path: str, *, name: str, schema: type[BaseModel], summary: str,
+         responses: dict | None = None):
     """Register a view for a page and for its JSON twin (`.json` appended; `/.json` for `/`).
-    Only the JSON one appears in the OpenAPI description, with its schema and error shape."""
+    Only the JSON one appears in the OpenAPI description, with its schema and error shape (and
+    `responses`, more answers it may give)."""
     from app.schemas import ErrorOut
 
     json_path = "/.json" if path == "/" else path + JSON_SUFFIX
-    errors = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+    errors = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, **(responses or {})}
 
     def register(view):
         router.add_api_route(json_path, view, methods=["GET"], name=f"{name}_json",

@@ -1,5 +1,7 @@
 """Search by text: `POST /api/v1/search` and the page `/search?model=&text=` (`.json` too) give
-the features that fire most on a text, and each token's top features.
+the features that fire most on a text, and each token's top features. They run the model, so
+they need the `live` scope: the page's GET shows the query with a Run button that POSTs it, and
+`/search.json` runs only for a request that carries a key.
 
 The ranking runs with the loaded models (`ServedModel.search` in `workers.inference`), through
 the model queue; this module adds what the database knows (each hit's max over its dataset) and
@@ -13,18 +15,22 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
+from pydantic import ConfigDict, Field
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app import urls
 from app.db import queries
 from app.inference_errors import InferenceError
+from app.keys import Scope
 from app.model_queue import MAX_TEXT_CHARS
-from app.routes.deps import SessionDep, invalid, model_queue, not_found
+from app.routes.access import requires
+from app.routes.deps import SLUG_PATTERN, checked, model_queue, not_found, read_db
 from app.routes.errors import described, documented
-from app.routes.render import is_htmx, wants_json
+from app.routes.forms import read_form
+from app.routes.render import is_htmx
 from app.routes.trial import text_example
+from app.schema_types import In
 from app.schemas import ExampleOut, SearchHit, SearchIn, SearchOut, TokenHit
 
 router = APIRouter()
@@ -53,17 +59,17 @@ def _search_sources(session: Session, request: Request, model: str,
     return row, ready
 
 
-async def run_search(request: Request, session: Session, query: SearchIn) -> SearchOut:
+async def run_search(request: Request, query: SearchIn) -> SearchOut:
+    """The search, reading the database before and after the model runs (not while)."""
     queue = model_queue(request)
-    row, sources = await run_in_threadpool(_search_sources, session, request, query.model,
-                                           query.sources)
+    row, sources = await read_db(request, _search_sources, request, query.model, query.sources)
     if not sources:
         raise not_found(f"{query.model} has no source to search")
     ids = (await queue.tokenize(query.model, [query.text]))[0]
     ranking = await queue.call(lambda models: models.model(query.model).search(
         ids, sources, top=query.top, per_token=query.per_token))
 
-    def finish() -> SearchOut:
+    def finish(session: Session) -> SearchOut:
         vocab = request.app.state.vocabs.get(session, model_id=row.id,
                                              tokenizer_hash=row.tokenizer_hash)
         by_source: dict[str, list[int]] = {}
@@ -89,15 +95,19 @@ async def run_search(request: Request, session: Session, query: SearchIn) -> Sea
                        for tops in ranking.per_token],
             url=urls.search(query.model, query.text, query.sources))
 
-    return await run_in_threadpool(finish)
+    return await read_db(request, finish)
+
+
+def _json(out: SearchOut) -> Response:
+    return Response(out.model_dump_json(), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 @router.post("/api/v1/search", response_model=SearchOut, responses=ERRORS,
-             summary="The features that fire most on a text, and each token's top features")
-async def search_api(request: Request, body: SearchIn, session: SessionDep):
-    out = await run_search(request, session, body)
-    return Response(out.model_dump_json(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+             summary="The features that fire most on a text, and each token's top features",
+             dependencies=[requires(Scope.live)])
+async def search_api(request: Request, body: SearchIn):
+    return _json(await run_search(request, body))
 
 
 @dataclass
@@ -117,38 +127,69 @@ def _hit_rows(result: SearchOut) -> list[tuple[SearchHit, ExampleOut, Scale]]:
             for hit in result.features]
 
 
-@router.get("/search", include_in_schema=False)
+def _sources(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
 @router.get("/search.json", response_model=SearchOut, responses=ERRORS,
-            summary="The search page's JSON: the features that fire most on a text")
-async def search_page(request: Request, session: SessionDep,
-                      model: Annotated[str | None, Query(max_length=128)] = None,
-                      text: Annotated[str, Query(max_length=MAX_TEXT_CHARS)] = "",
+            summary="The search page's JSON: the features that fire most on a text",
+            dependencies=[requires(Scope.live, explicit=True)])
+async def search_json(request: Request, model: Annotated[str, Query(pattern=SLUG_PATTERN)],
+                      text: Annotated[str, Query(min_length=1, max_length=MAX_TEXT_CHARS)],
                       sources: Annotated[str | None, Query(max_length=4000)] = None,
                       top: Annotated[int, Query(ge=1, le=200)] = 20):
-    wanted = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
-    as_json = wants_json(request)
-    asked = bool(model) and bool(text.strip())
-    if as_json and not asked:
-        raise invalid("give model and text, e.g. /search.json?model=M&text=...")
-    result, error, status = None, None, 200
-    if asked:
-        try:
-            result = await run_search(request, session, SearchIn(
-                model=model, text=text, sources=wanted, top=top))
-        except (HTTPException, InferenceError) as exc:
-            if as_json:
-                raise
-            status, error, _ = described(exc)
-    if as_json:
-        return Response(result.model_dump_json(), media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
-    menu = await run_in_threadpool(lambda: [m.slug for m in queries.models(session)])
+    return _json(await run_search(request, checked(SearchIn, model=model, text=text,
+                                                   sources=_sources(sources), top=top)))
+
+
+class SearchForm(In):
+    """The search box, posted."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(pattern=SLUG_PATTERN)
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    sources: str = Field("", max_length=4000)
+    top: int = Field(20, ge=1, le=200)
+
+
+async def _page(request: Request, model: str | None, text: str, sources: str,
+                result: SearchOut | None = None, error: str | None = None,
+                status: int = 200) -> Response:
+    menu = await read_db(request, lambda session: [m.slug for m in queries.models(session)])
     page = {"models": menu, "model": model or (menu[0] if menu else ""), "text": text,
             "sources": sources or "", "result": result, "error": error,
             "rows": _hit_rows(result) if result else [],
             "live": request.app.state.live is not None}
-    name = "_search.html" if is_htmx(request) and request.headers.get(
-        "hx-target") == "search-results" else "search.html"
+    fragment = is_htmx(request) and request.headers.get("hx-target") == "search-results"
+    headers = {"Cache-Control": "no-store"}
+    if result is not None and fragment:
+        headers["HX-Push-Url"] = result.url
     return request.app.state.templates.TemplateResponse(
-        request, name, page, status_code=200 if name == "_search.html" else status,
-        headers={"Cache-Control": "no-store"})
+        request, "_search.html" if fragment else "search.html", page,
+        status_code=200 if fragment else status, headers=headers)
+
+
+@router.get("/search", include_in_schema=False)
+async def search_page(request: Request,
+                      model: Annotated[str | None, Query(max_length=128)] = None,
+                      text: Annotated[str, Query(max_length=MAX_TEXT_CHARS)] = "",
+                      sources: Annotated[str | None, Query(max_length=4000)] = None):
+    """The search box, holding the query of its URL; its Run button posts it (a GET does not
+    run the model: any page could link here)."""
+    return await _page(request, model, text, sources or "")
+
+
+@router.post("/search", include_in_schema=False, dependencies=[requires(Scope.live)])
+async def search_run(request: Request):
+    """The search box, run: the page with its results (htmx: the results alone, and the
+    shareable GET URL pushed into the address bar)."""
+    form = await read_form(request, SearchForm)
+    result, error, status = None, None, 200
+    if form.text.strip():
+        try:
+            result = await run_search(request, checked(
+                SearchIn, model=form.model, text=form.text, sources=_sources(form.sources),
+                top=form.top))
+        except (HTTPException, InferenceError) as exc:
+            status, error, _ = described(exc)
+    return await _page(request, form.model, form.text, form.sources, result, error, status)

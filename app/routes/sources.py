@@ -17,9 +17,9 @@ from sqlalchemy import Row
 from app import explanations, urls
 from app.db import explanations as explanation_db
 from app.db import queries
-from app.routes.deps import MAX_INDEX, ModelSlug, SessionDep, SourceSlug, load_source
+from app.routes.deps import MAX_INDEX, ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.models import source_out
-from app.routes.render import etag, not_modified, page, render
+from app.routes.render import etag, not_modified, page, render, wants_json
 from app.schemas import DatasetOut, FeatureRow, SaeMetrics, SourceDetail, SourcePage, TokenCount
 
 router = APIRouter()
@@ -71,7 +71,8 @@ def source_detail(session, src: Row) -> SourceDetail:
 
 
 @page(router, "/{model}/{source}", name="source", schema=SourcePage,
-      summary="A source and one page of its features")
+      summary="A source and one page of its features",
+      responses={303: {"description": "`jump`: to that feature (its JSON from the JSON)"}})
 def source(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
            sort: Sort = "index", order: Order | None = None,
            limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = queries.PAGE_SIZE,
@@ -82,7 +83,12 @@ def source(request: Request, session: SessionDep, model: ModelSlug, source: Sour
                                           "explanation that matches these words")] = None):
     src = load_source(session, model, source)
     if jump is not None:
-        return RedirectResponse(urls.feature(model, source, jump), status_code=303)
+        if src.status == "ready" and jump >= src.n_features:
+            raise not_found(f"{model}/{source} has no feature {jump}: it has features 0 to "
+                            f"{src.n_features - 1}")
+        target = urls.feature(model, source, jump)
+        return RedirectResponse(urls.json(target) if wants_json(request) else target,
+                                status_code=303, headers={"Cache-Control": "no-store"})
     version = explanation_db.version(session)
     tag = etag(request, explanations.page_version(
         src.version_hash if src.status == "ready" else None, version))

@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 
 from app import urls
 from app.db import queries
-from app.routes.deps import SessionDep, invalid, not_found
+from app.routes.deps import SLUG_PATTERN, SessionDep, invalid, not_found
 from app.routes.errors import described, documented
-from app.routes.render import wants_json
 from app.schemas import TokenFeature, TokenRef, TokenSearchOut
 
 router = APIRouter()
@@ -53,29 +52,34 @@ def token_search(session: Session, vocabs: queries.VocabCache, model: str, token
         url=urls.token_search(model, token if token_id is None else None, token_id))
 
 
-@router.get("/tokens", include_in_schema=False)
+TokenText = Annotated[str | None, Query(max_length=200, description="a token's text")]
+TokenId = Annotated[int | None, Query(ge=0, le=2**31 - 1, description="a token id")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
 @router.get("/tokens.json", response_model=TokenSearchOut, responses=documented(404, 422),
-            summary="The features whose top examples peak most often on a token")
+            summary="The features whose top examples peak most often on a token (give token "
+            "or id)")
+def tokens_json(request: Request, session: SessionDep,
+                model: Annotated[str, Query(pattern=SLUG_PATTERN)], token: TokenText = None,
+                id: TokenId = None, limit: Limit = 50):  # noqa: A002
+    if not token and id is None:
+        raise invalid("give token (its text) or id, e.g. /tokens.json?model=M&token=the")
+    result = token_search(session, request.app.state.vocabs, model, token, id, limit)
+    return Response(result.model_dump_json(), media_type="application/json",
+                    headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/tokens", include_in_schema=False)
 def tokens_page(request: Request, session: SessionDep,
-                model: Annotated[str | None, Query(max_length=128)] = None,
-                token: Annotated[str | None, Query(max_length=200)] = None,
-                id: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,  # noqa: A002
-                limit: Annotated[int, Query(ge=1, le=500)] = 50):
-    as_json = wants_json(request)
-    asked = bool(model) and (bool(token) or id is not None)
-    if as_json and not asked:
-        raise invalid("give model and token (its text) or id, e.g. /tokens.json?model=M&token=the")
+                model: Annotated[str | None, Query(pattern=SLUG_PATTERN)] = None,
+                token: TokenText = None, id: TokenId = None, limit: Limit = 50):  # noqa: A002
     result, error, status = None, None, 200
-    if asked:
+    if model and (token or id is not None):
         try:
             result = token_search(session, request.app.state.vocabs, model, token, id, limit)
         except HTTPException as exc:
-            if as_json:
-                raise
             status, error, _ = described(exc)
-    if as_json:
-        return Response(result.model_dump_json(), media_type="application/json",
-                        headers={"Cache-Control": "no-cache"})
     menu = [m.slug for m in queries.models(session)]
     page = {"models": menu, "model": model or (menu[0] if menu else ""), "token": token or "",
             "token_id": id, "result": result, "error": error,

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import BROWSER_ARGS, CHROMIUM, needs_chromium, serve_in_thread
+from support import (
+    BROWSER_ARGS,
+    CHROMIUM,
+    disposing_engines,
+    fresh_pg_url,
+    needs_chromium,
+    needs_postgres,
+    serve_in_thread,
+)
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
@@ -154,3 +162,17 @@ def artifacts() -> Path:
 def write_db(harvests):
     """Writes the session's harvests (by default all) into another database URL."""
     return lambda url, which=slice(None): write_harvests(url, harvests[which])
+
+
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def llama_db(request, write_db, tmp_path_factory) -> WebDB:
+    """The tiny Llama's harvest (neurons, an SAE, a building source) in a SQLite file of the
+    test module's own, and in a fresh PostgreSQL database: for tests that write."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('llama') / 'featurescope.db'}"
+    else:
+        needs_postgres()
+        url = fresh_pg_url(f"fs_test_{request.module.__name__.rsplit('.', 1)[-1]}")
+    with disposing_engines(url):
+        yield write_db(url, slice(0, 1))

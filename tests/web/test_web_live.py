@@ -9,17 +9,25 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import LiveWorld, disposing_engines, fresh_pg_url, needs_postgres, serve_in_thread
+from support import (
+    LOOPBACK,
+    LiveWorld,
+    disposing_engines,
+    fresh_pg_url,
+    needs_postgres,
+    openapi_failures,
+    serve_in_thread,
+)
 
 from app.config import Settings
-from app.db.engine import upgrade
+from app.db.engine import make_engine, upgrade
 from app.db.tables import ExampleBlock, PeakToken
 from app.main import create_app
 from app.model_queue import InferenceLimits, ModelQueue
@@ -50,14 +58,15 @@ def live(world) -> ModelQueue:
 @pytest.fixture(scope="module")
 def client(world, live):
     app = create_app(Settings(database_url=world.url), engine=world.engine, live=live)
-    with TestClient(app) as c:
+    with TestClient(app, client=LOOPBACK) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def off_client(world):
     """The same database served without --live."""
-    with TestClient(create_app(Settings(database_url=world.url), engine=world.engine)) as c:
+    with TestClient(create_app(Settings(database_url=world.url), engine=world.engine),
+                    client=LOOPBACK) as c:
         yield c
 
 
@@ -192,6 +201,90 @@ def test_a_request_that_waits_too_long_is_503_with_retry_after(client, live, wor
     assert client.post("/api/v1/activations", json=req).status_code == 200
 
 
+def test_a_lone_surrogate_and_a_huge_index_are_422_not_500(client, world):
+    """With the models loaded: what once reached the tokenizer (a TypeError) or pydantic's
+    ValidationError unhandled (the index) is refused as malformed input."""
+    model = world.lm.slug
+    feature = {"modelId": model, "source": "0-mlp"}
+    for path, body in (
+            ("/api/v1/activations", {"model": model, "source": "0-mlp", "index": 0,
+                                     "text": "a\ud800b"}),
+            ("/api/v1/search", {"model": model, "text": "a\ud800b"}),
+            ("/api/activation/new", {"feature": {**feature, "index": 0},
+                                     "customText": "a\ud800b"}),
+            ("/api/activation/new", {"feature": {**feature, "index": 99999999999},
+                                     "customText": "hi"}),
+            ("/api/activation/new", {"feature": {**feature, "index": "99999999999"},
+                                     "customText": "hi"})):
+        r = client.post(path, content=json.dumps(body),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["status"] == 422
+    ok = client.post("/api/activation/new", json={"feature": {**feature, "index": "0"},
+                                                  "customText": "a b"})
+    assert ok.status_code == 200
+
+
+def test_the_live_answers_keep_to_the_openapi_description(world, live, live_key):
+    """A bounded schemathesis run with the models loaded and a live key, on a server bound to
+    every interface: no 5xx but a documented 503 (the model busy), and no answer that breaks
+    the description."""
+    app = create_app(Settings(database_url=world.url, host="0.0.0.0", live_rate=0),
+                     engine=world.engine, live=live)
+    failures = openapi_failures(app, headers={"x-api-key": live_key}, max_examples=25)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, live_key):
+    """16 clients post to the model while it is busy, beside readers of feature pages, over a
+    pool of 2 connections that gives up after 1 s: the live requests get 200, 429 or 503
+    (never a 5xx from an exhausted pool), and the pages keep answering."""
+    from sqlalchemy.orm import Session
+
+    from app.keys import create_key
+
+    with Session(world.engine) as session:
+        keys = [live_key, create_key(session, name="second", scope="live")[1]]
+    engine = make_engine(world.url, pool_size=2, max_overflow=0, pool_timeout=1)
+    queue = ModelQueue(world.models, InferenceLimits(max_tokens=MAX_TOKENS, max_wait=0.5))
+    app = create_app(Settings(database_url=world.url, live_rate=120, live_burst=10),
+                     engine=engine, live=queue)
+    release, started = threading.Event(), threading.Event()
+
+    def hold(models):
+        started.set()
+        release.wait(10)
+
+    live_codes, page_codes = [], []
+    with TestClient(app, client=("198.51.100.20", 40000), raise_server_exceptions=False) as c:
+        busy = c.portal.start_task_soon(queue.call, hold)
+        assert started.wait(10)
+
+        def poster(i: int) -> None:
+            req = {"model": world.lm.slug, "source": "0-mlp", "index": i, "text": f"x = {i}"}
+            for _ in range(4):
+                r = c.post("/api/v1/activations", json=req,
+                           headers={"x-api-key": keys[i % 2]})
+                live_codes.append(r.status_code)
+
+        def reader(i: int) -> None:
+            for j in range(6):
+                page_codes.append(c.get(f"/{world.lm.slug}/1-mlp/{i + j}.json").status_code)
+
+        threads = [threading.Thread(target=poster, args=(i,)) for i in range(16)]
+        threads += [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        threading.Timer(1.5, release.set).start()
+        for t in threads:
+            t.join(60)
+        busy.result(timeout=10)
+    engine.dispose()
+    assert len(live_codes) == 64 and set(live_codes) <= {200, 429, 503}, sorted(live_codes)
+    assert {200, 429, 503} <= set(live_codes)  # served, limited, and turned away while busy
+    assert page_codes == [200] * 24
+
+
 # ------------------------------------------------------------------ search by text
 
 
@@ -232,20 +325,46 @@ def urls_json(url: str) -> str:
     return url + ".json"
 
 
-def test_search_page_holds_its_query_and_matches_the_api(client, world):
+@pytest.fixture
+def live_key(world) -> str:
+    """A key with the live scope, in the world's database (made per test: a test of the
+    migrations takes the schema down and up again)."""
+    from sqlalchemy.orm import Session
+
+    from app.keys import create_key
+
+    with Session(world.engine) as session:
+        return create_key(session, name="live tests", scope="live")[1]
+
+
+def test_search_page_holds_its_query_and_matches_the_api(client, world, live_key):
+    """The search's URL holds its query: its JSON twin answers the API's result (a GET runs the
+    model only with a key), its page shows the query with the button that runs it, and the
+    posted form answers the results, pushing that URL."""
     text = "for i in range(10):"
     api = _post(client, "/api/v1/search", {"model": world.lm.slug, "text": text,
                                            "sources": ["1-res-sae-48", "0-mlp"]})
     assert api["sources"] == ["1-res-sae-48", "0-mlp"]
     query = parse_qs(urlsplit(api["url"]).query)
     assert query == {"model": [world.lm.slug], "text": [text], "sources": ["1-res-sae-48,0-mlp"]}
-    again = client.get(api["url"].replace("/search?", "/search.json?")).json()
-    assert again == api
+    json_url = api["url"].replace("/search?", "/search.json?")
+    assert client.get(json_url, headers={"x-api-key": live_key}).json() == api
+    refused = client.get(json_url)
+    assert refused.status_code == 401 and "a GET runs the model only with a key" in \
+        refused.json()["error"]
     page = client.get(api["url"])
     assert page.status_code == 200 and api["features"]
-    for hit in api["features"][:5]:
-        assert f'href="{hit["url"]}"' in page.text
     assert "for i in range(10):" in page.text  # the query, back in the box
+    assert 'id="search-ready"' in page.text and 'class="hit"' not in page.text
+    form = {"model": world.lm.slug, "text": text, "sources": "1-res-sae-48,0-mlp"}
+    ran = client.post("/search", data=form)
+    assert ran.status_code == 200
+    for hit in api["features"][:5]:
+        assert f'href="{hit["url"]}"' in ran.text
+    part = client.post("/search", data=form, headers={"HX-Request": "true",
+                                                      "HX-Target": "search-results"})
+    assert part.text.lstrip().startswith('<div id="search-results"')
+    assert part.headers["hx-push-url"] == api["url"]
 
 
 def test_search_of_an_unknown_source_or_model_is_404(client, world):
@@ -339,11 +458,12 @@ def partial_client(world):
                                                       {"0-mlp": served.sources["0-mlp"]})})
     app = create_app(Settings(database_url=world.url), engine=world.engine,
                      live=ModelQueue(models, InferenceLimits(max_tokens=MAX_TOKENS)))
-    with TestClient(app) as c:
+    with TestClient(app, client=LOOPBACK) as c:
         yield c
 
 
-def test_a_source_not_loaded_is_the_envelope_with_503_and_a_hint(partial_client, world):
+def test_a_source_not_loaded_is_the_envelope_with_503_and_a_hint(partial_client, world,
+                                                                 live_key):
     """The loaded models raise it; the one handler answers it like every other error."""
     model = world.lm.slug
     r = partial_client.post("/api/v1/activations", json={
@@ -354,16 +474,17 @@ def test_a_source_not_loaded_is_the_envelope_with_503_and_a_hint(partial_client,
         f"{model} has no live source '1-mlp'; live sources: 0-mlp (harvested sources are "
         "served live when their model and SAE files load as they were harvested)")}
     r = partial_client.get("/search.json", params={"model": model, "text": "x = 1",
-                                                   "sources": "0-mlp,1-res-sae-48"})
-    assert r.status_code == 503 and r.json()["status"] == 503
+                                                   "sources": "0-mlp,1-res-sae-48"},
+                           headers={"x-api-key": live_key})
+    assert r.status_code == 503 and r.json()["status"] == 503, r.text
     assert "no live source '1-res-sae-48'" in r.json()["error"]
     # the search page and the try box show it in place
-    page = partial_client.get("/search", params={"model": model, "text": "x = 1",
-                                                 "sources": "1-mlp"})
+    page = partial_client.post("/search", data={"model": model, "text": "x = 1",
+                                                "sources": "1-mlp"})
     assert page.status_code == 503 and 'id="search-results"' in page.text
     assert "no live source &#39;1-mlp&#39;" in page.text
-    part = partial_client.get(f"/{model}/1-mlp/0/try", params={"text": "x = 1"},
-                              headers={"HX-Request": "true", "HX-Target": "try-result"})
+    part = partial_client.post(f"/{model}/1-mlp/0/try", data={"text": "x = 1"},
+                               headers={"HX-Request": "true", "HX-Target": "try-result"})
     assert part.status_code == 200 and part.text.lstrip().startswith('<div id="try-result"')
     assert "no live source &#39;1-mlp&#39;" in part.text
     # the source that is loaded still answers, and a search without sources keeps to it
@@ -374,7 +495,7 @@ def test_a_source_not_loaded_is_the_envelope_with_503_and_a_hint(partial_client,
 def test_a_model_not_loaded_is_the_envelope_with_503(world):
     app = create_app(Settings(database_url=world.url), engine=world.engine,
                      live=ModelQueue(ServedModels({}), InferenceLimits()))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK) as client:
         out = _post(client, "/api/v1/activations", {"model": world.lm.slug, "source": "0-mlp",
                                                     "index": 0, "text": "x"}, 503)
     assert out == {"ok": False, "status": 503, "error": (
@@ -425,19 +546,29 @@ def test_the_server_without_live_imports_no_torch(world):
 
 
 def test_try_page_without_javascript_renders_the_text_on_the_feature_page(client, world):
+    """The box's URL shows the text, ready to run (a GET runs nothing); its form posts it, and
+    the answer is the page with the text highlighted (htmx: the box's result alone, the URL
+    pushed)."""
     model = world.lm.slug
     text = "while True:\n    pass"
-    r = client.get(f"/{model}/1-res-sae-48/7/try", params={"text": text})
+    url = f"/{model}/1-res-sae-48/7/try"
+    r = client.get(url, params={"text": text})
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
-    assert 'id="try-result"' in r.text and "of its max over the dataset" in r.text
+    assert 'id="try-ready"' in r.text and "of its max over the dataset" not in r.text
+    assert ">while True:\n    pass</textarea>" in r.text
+    assert f'<form class="try" method="post" action="{url}"' in r.text
+    ran = client.post(url, data={"text": text})
+    assert ran.status_code == 200 and ran.headers["cache-control"] == "no-store"
+    assert 'id="try-result"' in ran.text and "of its max over the dataset" in ran.text
     api = _post(client, "/api/v1/activations",
                 {"model": model, "source": "1-res-sae-48", "index": 7, "text": text})
-    part = client.get(f"/{model}/1-res-sae-48/7/try", params={"text": text},
-                      headers={"HX-Request": "true", "HX-Target": "try-result"})
+    part = client.post(url, data={"text": text},
+                       headers={"HX-Request": "true", "HX-Target": "try-result"})
     assert part.text.lstrip().startswith('<div id="try-result"')
     assert part.text.count('<span class="t') == len(api["token_ids"])
-    long = client.get(f"/{model}/0-mlp/0/try", params={"text": " word" * 80},
-                      headers={"HX-Request": "true", "HX-Target": "try-result"})
+    assert part.headers["hx-push-url"] == f"{url}?{urlencode({'text': text})}"
+    long = client.post(f"/{model}/0-mlp/0/try", data={"text": " word" * 80},
+                       headers={"HX-Request": "true", "HX-Target": "try-result"})
     assert long.status_code == 200 and f"at most {MAX_TOKENS} tokens" in long.text
 
 
@@ -470,7 +601,10 @@ def test_browser_try_box_and_shared_search(browser, live_url, world, client, art
     assert peak.count() == 1
     assert peak.text_content() == api["tokens"][api["max_index"]].replace("\n", "↵")
     assert "/try?text=" in page.url  # the box's state is in the URL
-    page.goto(page.url)  # reload the shared URL: the same result, rendered by the server
+    page.goto(page.url)  # the shared URL: the text in the box, run with one click
+    assert page.input_value("#try-text") == text and page.locator("#try-ready").count() == 1
+    page.click("form.try button[type=submit]")
+    page.wait_for_selector("#try-result .ex")
     assert page.locator("#try-result .toks .t").count() == len(api["token_ids"])
     page.screenshot(path=str(artifacts / "try.png"))
 
@@ -483,6 +617,9 @@ def test_browser_try_box_and_shared_search(browser, live_url, world, client, art
     assert "text=" in shared
     other = ctx.new_page()
     other.goto(shared)
+    assert other.input_value("#text") == text
+    other.click("form.search-form button[type=submit]")
+    other.wait_for_selector("#search-results .hit")
     links = other.locator("#search-results .hit-head a")
     want = [f"{h['source']}/{h['index']}" for h in search["features"]]
     assert [links.nth(i).text_content() for i in range(min(5, links.count()))] == want
