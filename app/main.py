@@ -40,18 +40,18 @@ from app.routes import (
     methods,
     models,
     neuronpedia,
-    neuronpedia_live,
-    patch,
     neuronpedia_lists,
+    neuronpedia_live,
     openapi,
+    patch,
     search,
     sources,
     steer,
     tokens,
     trial,
 )
-from app.routes.intervention_present import GLOBALS as INTERVENTION_GLOBALS
 from app.routes.access import Access, is_loopback, requires
+from app.routes.intervention_present import GLOBALS as INTERVENTION_GLOBALS
 from app.routes.present import GLOBALS
 
 log = logging.getLogger(__name__)
