@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    live: bool = False
+    """`serve`: load the models of the served sources, to run your own text through them."""
+
+    access_log: bool = True
+    """`serve`: log every request (the demo turns it off: its log is the harvest's progress)."""
+
     live_max_tokens: int = 1024
     """Live inference (`serve --live`): texts longer than this many tokens are refused (413)."""
 
@@ -45,6 +51,15 @@ class Settings(BaseSettings):
         if v is not None and not v.split(":", 1)[0].startswith(("sqlite", "postgresql")):
             raise ValueError(f"FEATURESCOPE_DATABASE_URL must be sqlite or postgresql, got {v!r}")
         return v
+
+    def with_options(self, **options) -> Settings:
+        """A copy with the options that are not None (command-line flags over the
+        environment), validated like the environment."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = set(given) - set(type(self).model_fields)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return type(self).model_validate({**self.model_dump(), **given})
 
     @cached_property
     def db_url(self) -> str:

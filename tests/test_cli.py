@@ -15,7 +15,8 @@ import torch
 from sqlalchemy import create_engine, select, text
 from support import stored_examples
 
-from app.cli import main, parse_layers
+from app.cli import main
+from workers.runner import parse_layers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CACHE = REPO / "data" / "cache"
@@ -92,14 +93,15 @@ def test_rerun_of_a_finished_harvest_is_refused(tmp_path, tiny_gpt2_dir, capsys,
 
 
 @pytest.mark.parametrize("text_, want", [("all", [0, 1, 2, 3]), ("0,2", [0, 2]),
-                                         ("1-3", [1, 2, 3]), ("0,2-3", [0, 2, 3])])
+                                         ("1-3", [1, 2, 3]), ("0,2-3", [0, 2, 3]),
+                                         ("none", [])])
 def test_parse_layers(text_, want):
     assert parse_layers(text_, 4) == want
 
 
 @pytest.mark.parametrize("bad", ["4", "x", "-1", "2-9", ""])
 def test_parse_layers_refuses_bad_input(bad):
-    with pytest.raises(SystemExit, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
         parse_layers(bad, 4)
 
 

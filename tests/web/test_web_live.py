@@ -25,6 +25,7 @@ from app.live import LiveLimits, LiveService
 from app.main import create_app
 from workers import store
 from workers.corpus import load_dataset
+from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.live import LiveModels
 from workers.models import load_model
@@ -54,7 +55,7 @@ class World:
         self.engine = make_engine(self.url)
         upgrade(self.engine)
         reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
-        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, self.cfg)
+        store.write(self.engine, reg, finalize(self.lm, self.ds, self.specs, states, self.cfg))
         self.states = states
         self.models = LiveModels.load(self.engine, device="cpu")
 

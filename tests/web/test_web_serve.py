@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
@@ -17,8 +15,9 @@ def test_serve_upgrades_prints_and_runs(tmp_path, monkeypatch, capsys):
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    args = argparse.Namespace(host="127.0.0.1", port=8123, db=url, live=True)
-    assert serve(args, Settings(data_dir=tmp_path)) == 0
+    settings = Settings(data_dir=tmp_path, host="127.0.0.1", port=8123, database_url=url,
+                        live=True)
+    assert serve(settings) == 0
     assert "on http://127.0.0.1:8123" in capsys.readouterr().out
     assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
     engine = ran["app"].state.engine
