@@ -61,6 +61,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                                        live=True if args.live else None))
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(model=args.model, dataset=args.dataset, max_tokens=args.max_tokens,
+                     seq_len=args.seq_len, first_layers=args.first_layers,
+                     sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
+                     sae_train_tokens=args.sae_train_tokens, device=args.device,
+                     progress_bar=not args.quiet)
+    settings = settings.with_options(host=args.host, port=args.port, database_url=args.db)
+    return run_demo(cfg, settings, serve=not args.no_serve)
+
+
 def cmd_train_sae(args: argparse.Namespace, settings: Settings) -> int:
     from workers.train import cmd_train_sae as run
 
@@ -139,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--live", action="store_true",
                    help="load the models of the served sources to run your own text")
     s.set_defaults(func=cmd_serve)
+
+    from dataclasses import fields
+
+    from workers.demo import DemoConfig  # no torch at import
+
+    demo = {f.name: f.default for f in fields(DemoConfig)}
+    d = sub.add_parser("demo", help="serve at once and harvest the demo behind it (make run): "
+                       "the first layers' neurons, every layer's, then an SAE trained on them")
+    d.add_argument("--model", default=demo["model"])
+    d.add_argument("--dataset", default=demo["dataset"])
+    d.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")
+    d.add_argument("--seq-len", type=int, default=demo["seq_len"])
+    d.add_argument("--first-layers", default=demo["first_layers"],
+                   help="the layers whose neurons are harvested first, alone (default: "
+                   f"{demo['first_layers']})")
+    d.add_argument("--sae-hook", default=demo["sae_hook"],
+                   help=f"where the demo SAE is trained (default: {demo['sae_hook']})")
+    d.add_argument("--sae-features", type=int, default=demo["sae_features"])
+    d.add_argument("--sae-k", type=int, default=demo["sae_k"],
+                   help="active latents of the TopK SAE")
+    d.add_argument("--sae-train-tokens", type=int, default=demo["sae_train_tokens"])
+    d.add_argument("--device", default=demo["device"])
+    d.add_argument("--host", default=None)
+    d.add_argument("--port", type=int, default=None)
+    d.add_argument("--db", default=None)
+    d.add_argument("--no-serve", action="store_true", help="harvest the demo without serving")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train-sae", help="train a sparse autoencoder on a hook point")
     t.add_argument("--model", default=DEFAULT_MODEL)

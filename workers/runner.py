@@ -22,12 +22,17 @@ BACKENDS = ("inprocess", "ray")
 _LAYERS_RE = re.compile(r"all|none|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    """'all', 'none', '0,5,11' or '2-4' (mixed: '0,2-4') -> sorted layer indices, checked
-    against n_layers."""
-    text = text.replace(" ", "")
-    if not _LAYERS_RE.fullmatch(text):
+def check_layers(text: str) -> str:
+    """The layers spec without spaces, if it is 'all', 'none', '0,5,11' or '2-4' (mixed:
+    '0,2-4'); raises ValueError otherwise."""
+    if not isinstance(text, str) or not _LAYERS_RE.fullmatch(text.replace(" ", "")):
         raise ValueError(f"--layers expects 'all', 'none', '0,5,11' or '2-4', got {text!r}")
+    return text.replace(" ", "")
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """A layers spec (see check_layers) -> sorted layer indices, checked against n_layers."""
+    text = check_layers(text)
     if text in ("all", "none"):
         return list(range(n_layers)) if text == "all" else []
     layers: set[int] = set()
@@ -121,9 +126,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not _LAYERS_RE.fullmatch(self.layers.replace(" ", "")):
-            raise ValueError(f"--layers expects 'all', 'none', '0,5,11' or '2-4', got "
-                             f"{self.layers!r}")
+        self.layers = check_layers(self.layers)
         for name in ("batch_size", "max_tokens", "ray_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:

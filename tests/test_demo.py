@@ -1,0 +1,118 @@
+"""`featurescope demo` on a tiny model: its steps in order, a rerun that does nothing, resume
+after an interrupt, and the server it starts before it harvests and stops when interrupted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from support import free_port
+
+from app.config import Settings
+from workers.demo import Demo, DemoConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="pydoc", max_tokens=600 * 32, seq_len=32, first_layers="0",
+            sae_hook="blocks.1.hook_resid_post", sae_features=32, sae_k=4,
+            sae_train_tokens=16 * 32, device="cpu", progress_bar=False)
+SAE = "1-res-sae-32"
+
+
+def sources(settings: Settings) -> dict[str, tuple[str, object]]:
+    """slug -> (status, finished_at) of every source in the database."""
+    eng = create_engine(settings.db_url)
+    with eng.connect() as conn:
+        rows = conn.execute(text("SELECT slug, status, finished_at FROM sources")).all()
+    eng.dispose()
+    return {r.slug: (r.status, r.finished_at) for r in rows}
+
+
+def ready(settings: Settings) -> set[str]:
+    return {slug for slug, (status, _) in sources(settings).items() if status == "ready"}
+
+
+def test_steps_run_first_layers_first_and_a_rerun_does_nothing(tmp_path, tiny_llama_dir):
+    settings = Settings(data_dir=tmp_path)
+    cfg = DemoConfig(model=str(tiny_llama_dir), **TINY)
+    readable = []
+    done = Demo(cfg, settings).run(lambda step, _: readable.append(ready(settings)))
+    sae_dir = tmp_path / "saes" / SAE
+    assert [outcome for _, outcome in done] == [
+        "harvested 0-mlp", "harvested 1-mlp", f"trained into {sae_dir}", f"harvested {SAE}"]
+    # what a reader of the database could open after each step
+    assert readable == [{"0-mlp"}, {"0-mlp", "1-mlp"}, {"0-mlp", "1-mlp"},
+                        {"0-mlp", "1-mlp", SAE}]
+    assert (sae_dir / "cfg.json").is_file()
+    before = sources(settings)
+
+    again = Demo(cfg, settings).run()
+    assert [outcome for _, outcome in again] == [
+        "already harvested", "already harvested", "already trained", "already harvested"]
+    assert sources(settings) == before  # nothing written again
+
+
+def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, tiny_llama_dir, caplog):
+    settings = Settings(data_dir=tmp_path)
+    cfg = DemoConfig(model=str(tiny_llama_dir), **TINY)
+    shards = []
+
+    def interrupt_in_second_step(shard: int) -> None:
+        shards.append(shard)
+        if ready(settings) == {"0-mlp"} and shard == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Demo(cfg, settings, after_shard=interrupt_in_second_step).run()
+    assert {s: st for s, (st, _) in sources(settings).items()} == {
+        "0-mlp": "ready", "1-mlp": "building"}
+    assert list((tmp_path / "checkpoints").glob("*/state.pt"))
+    with caplog.at_level(logging.INFO, logger="workers.harvest"):
+        done = Demo(cfg, settings).run()
+    assert "resuming: 1 of 3 shards already done" in caplog.text
+    assert [outcome for _, outcome in done][:2] == ["already harvested", "harvested 1-mlp"]
+    assert ready(settings) == {"0-mlp", "1-mlp", SAE}
+    assert not list((tmp_path / "checkpoints").glob("*/state.pt"))
+
+
+def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llama_dir):
+    port = free_port()
+    env = {**os.environ, "FEATURESCOPE_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    small = {**TINY, "max_tokens": 48 * 32}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in small.items() if k != "progress_bar"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "demo", "--model", str(tiny_llama_dir), *args,
+         "--port", str(port), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "the demo is done" in line:
+                break
+        out = "".join(lines)
+        assert "the demo is done" in out, out
+        # the server's own start-up line comes before the first step: it listened first
+        assert f"on http://127.0.0.1:{port}" in out and "demo step 1:" in out, out
+        assert out.index(f"on http://127.0.0.1:{port}") < out.index("demo step 1:"), out
+        base = f"http://127.0.0.1:{port}"
+        home = httpx.get(f"{base}/.json").json()
+        slug = home["models"][0]["slug"]
+        assert {s["slug"] for s in home["models"][0]["sources"]} == {"0-mlp", "1-mlp", SAE}
+        assert httpx.get(f"{base}/{slug}/0-mlp/3").status_code == 200
+        assert httpx.get(f"{base}/{slug}/{SAE}/3").status_code == 200
+        proc.send_signal(signal.SIGINT)  # the demo only: it stops its server
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
