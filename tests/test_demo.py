@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -82,27 +83,44 @@ def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, tiny_llama_dir, 
     assert not list((tmp_path / "checkpoints").glob("*/state.pt"))
 
 
-def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llama_dir):
-    port = free_port()
-    env = {**os.environ, "FEATURESCOPE_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+def start_demo(data_dir: Path, model_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """`featurescope demo` in a process of its own, read until its steps are done: (process,
+    what it printed)."""
+    env = {**os.environ, "FEATURESCOPE_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}
     small = {**TINY, "max_tokens": 48 * 32}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in small.items() if k != "progress_bar"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", "--model", str(tiny_llama_dir), *args,
+        [sys.executable, "-m", "app.cli", "demo", "--model", str(model_dir), *args,
          "--port", str(port), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "the demo is done" in line:
+            break
+    return proc, "".join(lines)
+
+
+def port_closes(port: int) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llama_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc, out = start_demo(tmp_path, tiny_llama_dir, port)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "the demo is done" in line:
-                break
-        out = "".join(lines)
         assert "the demo is done" in out, out
         # the server's own start-up line comes before the first step: it listened first
-        assert f"on http://127.0.0.1:{port}" in out and "demo step 1:" in out, out
-        assert out.index(f"on http://127.0.0.1:{port}") < out.index("demo step 1:"), out
-        base = f"http://127.0.0.1:{port}"
+        assert f"on {base}" in out and "demo step 1:" in out, out
+        assert out.index(f"on {base}") < out.index("demo step 1:"), out
         home = httpx.get(f"{base}/.json").json()
         slug = home["models"][0]["slug"]
         assert {s["slug"] for s in home["models"][0]["sources"]} == {"0-mlp", "1-mlp", SAE}
@@ -114,5 +132,15 @@ def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llam
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
+    assert port_closes(port)
+
+    # Run again: everything is there, so it only serves; its server ends with it, even when
+    # the demo is killed outright.
+    proc, out = start_demo(tmp_path, tiny_llama_dir, port)
+    try:
+        assert out.count(": already ") == 4, out
+        assert httpx.get(f"{base}/{slug}/1-mlp/3").status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()
+    assert port_closes(port)

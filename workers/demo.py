@@ -184,7 +184,8 @@ def serving(settings: Settings, *, wait_s: float = 120) -> Iterator[subprocess.P
            "FEATURESCOPE_DATA_DIR": str(settings.data_dir), "FEATURESCOPE_ACCESS_LOG": "false"}
     if settings.database_url:
         env["FEATURESCOPE_DATABASE_URL"] = settings.database_url
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
+                            preexec_fn=_end_with_parent if sys.platform == "linux" else None)
     ending = threading.Event()
     stopped: list[int] = []
 
@@ -211,6 +212,14 @@ def serving(settings: Settings, *, wait_s: float = 120) -> Iterator[subprocess.P
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _end_with_parent() -> None:
+    """In the server child (Linux): SIGTERM when the demo dies, even of SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_listening(proc: subprocess.Popen, host: str, port: int, wait_s: float) -> None:
@@ -241,6 +250,7 @@ def run_demo(cfg: DemoConfig, settings: Settings, *, serve: bool = True) -> int:
     demo = Demo(cfg, settings)
     url = f"http://{settings.host}:{settings.port}"
     finished = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl-C
     try:
         if not serve:
             demo.run()
@@ -257,4 +267,10 @@ def run_demo(cfg: DemoConfig, settings: Settings, *, serve: bool = True) -> int:
             return 0
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
