@@ -202,6 +202,8 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     (["--dataset", "no-such-corpus"], "unknown dataset"),
     (["--batch-size", "0"], "--batch-size"),
     (["--layers", "7"], "layers 0..1"),
+    (["--layers", "none"], "nothing to harvest"),
+    (["--layers", "0;1"], "--layers expects"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, extra,
                                       message):
