@@ -28,6 +28,15 @@ def _device(name: str) -> str:
 
 
 def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.runner import PlanError
+
+    try:
+        return _harvest(args, settings)
+    except PlanError as exc:  # as argument errors: the message, exit status 1
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _harvest(args: argparse.Namespace, settings: Settings) -> int:
     from workers.harvest import HarvestConfig
     from workers.runner import HarvestRunner, RunConfig
 

@@ -102,7 +102,7 @@ class Demo:
             Step("neurons of every layer", lambda: self._harvest("all")),
             Step(f"train the SAE {cfg.sae_slug} on {cfg.sae_hook}", self._train),
             Step(f"features of the SAE {cfg.sae_slug}",
-                 lambda: self._harvest("none", [self.cfg.sae_folder(self.settings)])),
+                 lambda: self._harvest("none", (self.cfg.sae_folder(self.settings),))),
         ]
 
     def run(self, on_step: Callable[[Step, str], None] | None = None) -> list[tuple[str, str]]:
@@ -127,7 +127,7 @@ class Demo:
         finally:
             engine.dispose()
 
-    def _harvest(self, layers: str, saes: list[Path] = ()) -> str:
+    def _harvest(self, layers: str, saes: tuple[Path, ...] = ()) -> str:
         from workers.runner import HarvestRunner, RunConfig
 
         if saes and self._sae_harvested():

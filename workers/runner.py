@@ -22,11 +22,15 @@ BACKENDS = ("inprocess", "ray")
 _LAYERS_RE = re.compile(r"all|none|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
+class PlanError(ValueError):
+    """The sources asked for do not fit the model, or there are none."""
+
+
 def check_layers(text: str) -> str:
     """The layers spec without spaces, if it is 'all', 'none', '0,5,11' or '2-4' (mixed:
-    '0,2-4'); raises ValueError otherwise."""
+    '0,2-4'); raises PlanError otherwise."""
     if not isinstance(text, str) or not _LAYERS_RE.fullmatch(text.replace(" ", "")):
-        raise ValueError(f"--layers expects 'all', 'none', '0,5,11' or '2-4', got {text!r}")
+        raise PlanError(f"--layers expects 'all', 'none', '0,5,11' or '2-4', got {text!r}")
     return text.replace(" ", "")
 
 
@@ -40,7 +44,7 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
         lo, _, hi = part.partition("-")
         layers.update(range(int(lo), int(hi or lo) + 1))
     if not layers or max(layers) >= n_layers:
-        raise ValueError(f"the model has layers 0..{n_layers - 1}; got {text!r}")
+        raise PlanError(f"the model has layers 0..{n_layers - 1}; got {text!r}")
     return sorted(layers)
 
 
@@ -193,7 +197,7 @@ class HarvestRunner:
                 if skipped:
                     return RunResult(lm.slug, written=[], skipped=skipped,
                                      database=_shown(engine))
-                raise ValueError("nothing to harvest: --layers none and no --sae")
+                raise PlanError("nothing to harvest: --layers none and no --sae")
             return self._run(replace(plan, skip=skipped), lm, specs, skipped, engine)
         finally:
             engine.dispose()
