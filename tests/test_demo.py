@@ -92,7 +92,7 @@ def start_demo(data_dir: Path, model_dir: Path, port: int) -> tuple[subprocess.P
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "demo", "--model", str(model_dir), *args,
          "--port", str(port), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -134,13 +134,33 @@ def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llam
             proc.wait()
     assert port_closes(port)
 
-    # Run again: everything is there, so it only serves; its server ends with it, even when
-    # the demo is killed outright.
+    # Run again: everything is there, so it only serves. `kill` on its process group (as a
+    # service manager stops it) ends both quietly.
     proc, out = start_demo(tmp_path, tiny_llama_dir, port)
     try:
         assert out.count(": already ") == 4, out
         assert httpx.get(f"{base}/{slug}/1-mlp/3").status_code == 200
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert port_closes(port)
+
+    # A server that dies ends the demo, with an error; a demo killed outright takes its server
+    # with it.
+    proc, out = start_demo(tmp_path, tiny_llama_dir, port)
+    try:
+        server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(server, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and "the server stopped (exit status -9)" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc, out = start_demo(tmp_path, tiny_llama_dir, port)
+    proc.kill()
+    proc.wait()
     assert port_closes(port)

@@ -87,11 +87,14 @@ class Demo:
     """The demo's steps over one database (settings.db_url), run in order by `run()`."""
 
     def __init__(self, cfg: DemoConfig, settings: Settings, *,
-                 after_shard: Callable[[int], None] | None = None):
+                 after_shard: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None):
         self.cfg = cfg
         self.settings = settings
         self.after_shard = after_shard
         """Called after each finished shard of each harvest (tests interrupt a run with it)."""
+        self.stop = stop or threading.Event()
+        """Once set, the run ends with a KeyboardInterrupt at the next batch or step."""
         self.model_slug: str | None = None
         """Learned from the first harvest step (the model's slug in the database)."""
 
@@ -109,6 +112,7 @@ class Demo:
         """Every step in order; returns (step, what it did) for each."""
         done = []
         for i, step in enumerate(self.steps(), 1):
+            self._check_stop()
             log.info("demo step %d: %s", i, step.name)
             outcome = step.run()
             log.info("demo step %d: %s: %s", i, step.name, outcome)
@@ -116,6 +120,10 @@ class Demo:
             if on_step is not None:
                 on_step(step, outcome)
         return done
+
+    def _check_stop(self, *_progress: int) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
 
     def _sae_harvested(self) -> bool:
         from app.db.engine import make_engine
@@ -138,7 +146,8 @@ class Demo:
             saes=[str(s) for s in saes], max_tokens=cfg.max_tokens, seq_len=cfg.seq_len,
             device=cfg.device, cache_dir=settings.cache_dir,
             checkpoint_dir=settings.checkpoint_dir, skip_existing=True,
-            progress_bar=cfg.progress_bar), after_shard=self.after_shard).run()
+            progress_bar=cfg.progress_bar), after_shard=self.after_shard,
+            on_progress=self._check_stop).run()
         self.model_slug = result.model
         if not result.written:
             return "already harvested"
@@ -167,11 +176,18 @@ class ServerStopped(RuntimeError):
     """The server child exited while the demo ran."""
 
 
+_STOPPED_BY_SIGNAL = (0, -signal.SIGINT, -signal.SIGTERM)
+"""How the server ends when Ctrl-C or `kill` reaches it too (uvicorn shuts down, then re-raises
+the signal): an interruption of the demo, not a failure."""
+
+
 @contextmanager
-def serving(settings: Settings, *, wait_s: float = 120) -> Iterator[subprocess.Popen]:
+def serving(settings: Settings, stop: threading.Event, *, wait_s: float = 120
+            ) -> Iterator[subprocess.Popen]:
     """`featurescope serve` on settings.host:port as a child process, listening when the block
-    starts and stopped when it ends. If the server exits on its own meanwhile, the block gets a
-    KeyboardInterrupt (and `ServerStopped` is raised once it ends)."""
+    starts and stopped when it ends. If the server exits on its own meanwhile, `stop` is set
+    and the block interrupted; `ServerStopped` is raised once it ends, unless the server was
+    stopped by a signal (Ctrl-C, `kill`)."""
     host, port = settings.host, settings.port
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -191,8 +207,9 @@ def serving(settings: Settings, *, wait_s: float = 120) -> Iterator[subprocess.P
 
     def watch() -> None:
         code = proc.wait()
-        if not ending.is_set() and code != 0:  # 0: it was interrupted with the demo (Ctrl-C)
+        if not ending.is_set():
             stopped.append(code)
+            stop.set()
             _thread.interrupt_main()
 
     threading.Thread(target=watch, name="server-watch", daemon=True).start()
@@ -200,7 +217,7 @@ def serving(settings: Settings, *, wait_s: float = 120) -> Iterator[subprocess.P
         _wait_listening(proc, host, port, wait_s)
         yield proc
     except KeyboardInterrupt:
-        if stopped:
+        if stopped and stopped[0] not in _STOPPED_BY_SIGNAL:
             raise ServerStopped(f"the server stopped (exit status {stopped[0]})") from None
         raise
     finally:
@@ -247,21 +264,28 @@ def run_demo(cfg: DemoConfig, settings: Settings, *, serve: bool = True) -> int:
     engine = make_engine(settings.db_url)
     upgrade(engine)  # before the server starts: one migration, not two racing
     engine.dispose()
-    demo = Demo(cfg, settings)
+    stop = threading.Event()
+    demo = Demo(cfg, settings, stop=stop)
     url = f"http://{settings.host}:{settings.port}"
     finished = False
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl-C
+
+    def on_sigterm(signum, frame) -> None:  # `kill` stops it like Ctrl-C
+        stop.set()  # checked again at every batch: Python drops an exception raised from a
+        raise KeyboardInterrupt  # signal handler that runs inside a finalizer
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if not serve:
             demo.run()
             print("the demo is done")
             return 0
-        with serving(settings):
+        with serving(settings, stop):
             print(f"serving {url} while the demo is harvested; Ctrl-C stops both", flush=True)
             demo.run()
             finished = True
             print(f"the demo is done; serving {url} until Ctrl-C", flush=True)
-            threading.Event().wait()
+            stop.wait()
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if finished:
             return 0
@@ -271,6 +295,3 @@ def run_demo(cfg: DemoConfig, settings: Settings, *, serve: bool = True) -> int:
         signal.signal(signal.SIGTERM, previous)
     return 0
 
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
