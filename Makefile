@@ -1,4 +1,4 @@
-# featurescope: `make run` harvests the demo and serves it; `make test` runs the whole suite.
+# featurescope: `make run` serves the demo at once and harvests it behind; `make test` runs the suite.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -31,25 +31,19 @@ browser:
 	    (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
 	    echo "warning: chromium could not be installed; browser tests will skip (and fail in CI)"; }
 
-# The demo: every MLP neuron of the default model (SmolLM2-135M-Instruct), and a 4k-latent TopK
-# SAE trained on the residual stream after block 15, harvested together over the default
-# dataset (Python's documentation). The defaults are the CLI's (app/config.py).
-DEMO_SAE := $(FEATURESCOPE_DATA_DIR)/saes/15-res-sae-4k
-
 prepare: install
 	$(BIN)/featurescope prepare
 
-$(DEMO_SAE)/cfg.json: | prepare
-	$(BIN)/featurescope train-sae \
-	  --hook blocks.15.hook_resid_post --features 4096 --k 32 --max-tokens 98304 \
-	  --out $(DEMO_SAE)
+# The demo: the explorer is served at once (http://127.0.0.1:8000; FEATURESCOPE_PORT to change),
+# while the MLP neurons of SmolLM2-135M-Instruct are harvested over Python's documentation
+# (layers 0-1 first, then every layer) and a 4k-latent TopK SAE is trained on the residual
+# stream after block 15 and harvested. A rerun resumes; once everything is there it only serves.
+run: install
+	$(BIN)/featurescope demo
 
-harvest-demo: prepare $(DEMO_SAE)/cfg.json
-	$(BIN)/featurescope harvest --layers all \
-	  --sae $(DEMO_SAE) --skip-existing
-
-run: harvest-demo
-	$(BIN)/featurescope serve
+# The same harvests, without serving.
+harvest-demo: install
+	$(BIN)/featurescope demo --no-serve
 
 lint: install
 	$(BIN)/ruff check app workers tests bench migrations

@@ -5,34 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from app.commands import embed, keys
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
-
-
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    """'all', '0,5,11' or '2-4' (mixed: '0,2-4') -> sorted layer indices, checked against n_layers."""
-    if text == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                layers.update(range(lo, hi + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise SystemExit(
-                f"error: --layers expects 'all', '0,5,11' or '2-4', got {text!r}") from None
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise SystemExit(f"error: the model has layers 0..{n_layers - 1}; got {text!r}")
-    return sorted(layers)
 
 
 def _positive_int(text: str, flag: str) -> int:
@@ -52,102 +29,58 @@ def _device(name: str) -> str:
 
 
 def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from app.db.engine import make_engine, upgrade
-    from workers import store
-    from workers.corpus import load_dataset
-    from workers.harvest import (
-        DTYPES,
-        Checkpoint,
-        HarvestConfig,
-        Harvester,
-        auto_batch_size,
-        run_harvest,
-    )
-    from workers.models import load_model
-    from workers.plan import HarvestPlan
-
-    device = _device(args.device)
-    lm = load_model(args.model, device=device, dtype=DTYPES[args.dtype],
-                    cache_dir=settings.cache_dir)
-    layers = [] if args.layers == "none" else parse_layers(args.layers, lm.n_layers)
-    cfg = HarvestConfig(top_k=args.top_k, batch_size=8, shard_sequences=args.shard_sequences,
-                        window=args.window, compile=not args.no_compile, dtype=args.dtype)
-    plan = HarvestPlan(model=args.model, layers=layers, saes=args.sae, cfg=cfg, device=device,
-                       cache_dir=str(settings.cache_dir))
-    engine = make_engine(args.db or settings.db_url)
-    upgrade(engine)
-    if args.skip_existing:
-        plan.skip = sorted(store.ready_sources(engine, lm.slug))
-    specs = plan.sources(lm)
-    cfg.batch_size = (auto_batch_size(lm, specs, args.seq_len) if args.batch_size == "auto"
-                      else _positive_int(args.batch_size, "--batch-size"))
-    if not specs:
-        if plan.skip:
-            print(f"every requested source of {lm.slug} is already harvested")
-            return 0
-        raise SystemExit("error: nothing to harvest: --layers none and no --sae")
-    dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
-                           max_tokens=args.max_tokens, cache_dir=settings.cache_dir)
-    log.info("%s on %s: %d sequences x %d tokens, %d sources, %d features, device %s",
-             lm.slug, dataset.slug, dataset.n_sequences, dataset.seq_len, len(specs),
-             sum(s.n_features for s in specs), device)
-
-    reg = store.begin(engine, lm, dataset, specs, cfg, replace=args.replace)
-    bos_first = dataset.bos_policy == "bos-prepended"
-    harvester = Harvester(lm, dataset.tokens, specs, cfg, bos_first=bos_first)
-    ckpt = Checkpoint(settings.checkpoint_dir, Checkpoint.key_for(
-        model=lm.source, dataset=dataset.slug, cfg=cfg.to_dict(),
-        sources=[(s.slug, s.hook_name) for s in specs]))
-
-    bar = tqdm(total=dataset.n_tokens, unit="tok", unit_scale=True, desc="harvest",
-               disable=args.quiet, dynamic_ncols=True)
-    done = 0
-    last = time.monotonic()
-
-    def progress(n: int) -> None:
-        nonlocal done, last
-        done += n
-        bar.update(n)
-        if time.monotonic() - last > 2:
-            last = time.monotonic()
-            store.report_progress(engine, reg, done)
+    from workers.runner import PlanError
 
     try:
-        with torch.inference_mode():
-            if args.backend == "ray":
-                from workers.ray_backend import run_harvest_ray
+        return _harvest(args, settings)
+    except PlanError as exc:  # as argument errors: the message, exit status 1
+        raise SystemExit(f"error: {exc}") from None
 
-                states = run_harvest_ray(plan, dataset.tokens, harvester.n_shards,
-                                         bos_first=bos_first, n_workers=args.ray_workers,
-                                         address=args.ray_address, checkpoint=ckpt,
-                                         progress=progress)
-            else:
-                states = run_harvest(harvester, ckpt, progress)
-        bar.close()
-        t0 = time.monotonic()
-        store.finish(engine, reg, lm, dataset, specs, states, cfg)
-        log.info("written in %.1f s", time.monotonic() - t0)
+
+def _harvest(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.harvest import HarvestConfig
+    from workers.runner import HarvestRunner, RunConfig
+
+    cfg = RunConfig(
+        db_url=args.db or settings.db_url, model=args.model, dataset=args.dataset,
+        layers=args.layers, saes=args.sae, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        harvest=HarvestConfig(top_k=args.top_k, shard_sequences=args.shard_sequences,
+                              window=args.window, compile=not args.no_compile, dtype=args.dtype),
+        batch_size=(None if args.batch_size == "auto"
+                    else _positive_int(args.batch_size, "--batch-size")),
+        device=args.device, cache_dir=settings.cache_dir, checkpoint_dir=settings.checkpoint_dir,
+        backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers,
+        replace=args.replace, skip_existing=args.skip_existing, progress_bar=not args.quiet)
+    try:
+        result = HarvestRunner(cfg).run()
     except KeyboardInterrupt:
-        bar.close()
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception as exc:
-        bar.close()
-        store.fail(engine, reg, f"{type(exc).__name__}: {exc}")
-        raise
-    ckpt.clear()
-    print(f"harvested {len(specs)} sources of {lm.slug} over {dataset.n_tokens} tokens "
-          f"of {dataset.name} into {engine.url.render_as_string(hide_password=True)}")
+    if not result.written:
+        print(f"every requested source of {result.model} is already harvested")
+        return 0
+    print(f"harvested {len(result.written)} sources of {result.model} over {result.n_tokens} "
+          f"tokens of {result.dataset} into {result.database}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from app.main import serve
 
-    return serve(args, settings)
+    return serve(settings.with_options(host=args.host, port=args.port, database_url=args.db,
+                                       live=True if args.live else None))
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(model=args.model, dataset=args.dataset, max_tokens=args.max_tokens,
+                     seq_len=args.seq_len, first_layers=args.first_layers,
+                     sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
+                     sae_train_tokens=args.sae_train_tokens, device=args.device,
+                     progress_bar=not args.quiet)
+    settings = settings.with_options(host=args.host, port=args.port, database_url=args.db)
+    return run_demo(cfg, settings, serve=not args.no_serve)
 
 
 def cmd_train_sae(args: argparse.Namespace, settings: Settings) -> int:
@@ -228,6 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--live", action="store_true",
                    help="load the models of the served sources to run your own text")
     s.set_defaults(func=cmd_serve)
+
+    from dataclasses import fields
+
+    from workers.demo import DemoConfig  # no torch at import
+
+    demo = {f.name: f.default for f in fields(DemoConfig)}
+    d = sub.add_parser("demo", help="serve at once and harvest the demo behind it (make run): "
+                       "the first layers' neurons, every layer's, then an SAE trained on them")
+    d.add_argument("--model", default=demo["model"])
+    d.add_argument("--dataset", default=demo["dataset"])
+    d.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")
+    d.add_argument("--seq-len", type=int, default=demo["seq_len"])
+    d.add_argument("--first-layers", default=demo["first_layers"],
+                   help="the layers whose neurons are harvested first, alone (default: "
+                   f"{demo['first_layers']})")
+    d.add_argument("--sae-hook", default=demo["sae_hook"],
+                   help=f"where the demo SAE is trained (default: {demo['sae_hook']})")
+    d.add_argument("--sae-features", type=int, default=demo["sae_features"])
+    d.add_argument("--sae-k", type=int, default=demo["sae_k"],
+                   help="active latents of the TopK SAE")
+    d.add_argument("--sae-train-tokens", type=int, default=demo["sae_train_tokens"])
+    d.add_argument("--device", default=demo["device"])
+    d.add_argument("--host", default=None)
+    d.add_argument("--port", type=int, default=None)
+    d.add_argument("--db", default=None)
+    d.add_argument("--no-serve", action="store_true", help="harvest the demo without serving")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train-sae", help="train a sparse autoencoder on a hook point")
     t.add_argument("--model", default=DEFAULT_MODEL)

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    live: bool = False
+    """`serve`: load the models of the served sources, to run your own text through them."""
+
+    access_log: bool = True
+    """`serve`: log every request (the demo turns it off: its log is the harvest's progress)."""
+
     live_max_tokens: int = 1024
     """Live inference (`serve --live`): texts longer than this many tokens are refused (413)."""
 
@@ -88,6 +94,15 @@ class Settings(BaseSettings):
         if not v >= 0:
             raise ValueError(f"must be 0 (no limit) or more, got {v}")
         return v
+
+    def with_options(self, **options) -> Settings:
+        """A copy with the options that are not None (command-line flags over the
+        environment), validated like the environment."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = set(given) - set(type(self).model_fields)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return type(self).model_validate({**self.model_dump(), **given})
 
     @cached_property
     def db_url(self) -> str:

@@ -4,7 +4,6 @@ Reads the database only; imports no torch and no `workers`."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -182,26 +181,26 @@ def _warn_open(access: Access, host: str) -> None:
                     "(FEATURESCOPE_OPEN_SCOPES)", host, ", ".join(wide))
 
 
-def serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Upgrade the schema, then serve until interrupted."""
+def serve(settings: Settings) -> int:
+    """Upgrade the schema of settings.db_url, then serve it on settings.host:port until
+    interrupted (with the live models when settings.live)."""
     import uvicorn
 
     from app.db.engine import upgrade
 
-    engine = make_engine(args.db or settings.db_url)
+    engine = make_engine(settings.db_url)
     upgrade(engine)
-    host = args.host or settings.host
-    port = args.port or settings.port
-    settings = settings.model_copy(update={"host": host, "port": port})
-    live = start_live(engine, settings) if getattr(args, "live", False) else None
+    live = start_live(engine, settings) if settings.live else None
     if live is not None and not live.models.models:
         log.warning("--live: no model could be loaded; serving the stored features only")
     app = create_app(settings, engine=engine, live=live)
+    host, port = settings.host, settings.port
     _warn_open(app.state.access, host)
     if not HTMX.is_file():
         log.warning("%s is missing (run static/fetch_vendor.sh): pages work, without partial "
                     "updates", HTMX.relative_to(ROOT))
     print(f"serving {engine.url.render_as_string(hide_password=True)} on http://{host}:{port}",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False,
+                access_log=settings.access_log)
     return 0

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from app.cli import parse_layers
 from app.config import DEFAULT_MODEL, default_cache_dir
 from app.db.engine import make_engine, upgrade
 from workers import store
 from workers.corpus import load_dataset
+from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources
 from workers.models import load_model
+from workers.runner import parse_layers
 
 
 def full_pass(lm, batches) -> float:
@@ -94,8 +95,7 @@ def main() -> None:
     n_seq = args.batches * args.batch_size
     ds = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
                       max_tokens=n_seq * args.seq_len, cache_dir=Path(args.cache_dir))
-    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers)) if args.layers != "none" \
-        else []
+    specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers))
     if args.sae:
         from workers.sae import sae_sources
 
@@ -139,7 +139,7 @@ def main() -> None:
         upgrade(engine)
         reg = store.begin(engine, lm, ds, specs, cfg)
         t0 = time.perf_counter()
-        store.finish(engine, reg, lm, ds, specs, states, cfg)
+        store.write(engine, reg, finalize(lm, ds, specs, states, cfg))
         t_write = time.perf_counter() - t0
         engine.dispose()
         con = sqlite3.connect(path)

@@ -31,6 +31,7 @@ from app.main import create_app
 from app.model_queue import InferenceLimits, ModelQueue
 from workers import store
 from workers.corpus import load_dataset
+from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.inference import ServedModels
 from workers.models import load_model
@@ -84,7 +85,8 @@ def main() -> None:
         url = f"sqlite:///{Path(tmp) / 'live.db'}"
         engine = make_engine(url)
         upgrade(engine)
-        store.finish(engine, store.begin(engine, lm, ds, specs, cfg), lm, ds, specs, states, cfg)
+        store.write(engine, store.begin(engine, lm, ds, specs, cfg),
+                    finalize(lm, ds, specs, states, cfg))
         models = ServedModels.load(engine, device="cpu", cache_dir=cache)
         live_lm = models.model(lm.slug)
         app = create_app(Settings(database_url=url), engine=engine,

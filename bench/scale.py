@@ -3,9 +3,9 @@
     .venv/bin/python bench/scale.py [--features 100000] [--seconds 4] [--ray-tokens 8192]
 
 1. Writing a source of N features (20 top, 20 bottom, 25 quantile examples of 64 tokens each)
-   with workers.store.finish into SQLite and into PostgreSQL: seconds, features per second, bytes
-   on disk per feature (tables and indexes). The direct logit attribution inside finish is timed
-   apart, so the database's own share shows.
+   into SQLite and into PostgreSQL: the seconds of workers.finalize (direct logit attribution,
+   top tokens, example blocks; before the transaction) and of workers.store.write (the
+   transaction), features written per second, bytes on disk per feature (tables and indexes).
 2. Feature-page and feature-JSON p50/p99 latency under 32 connections, served from each.
 3. Harvest tokens per second of the default model with the Ray backend on 1 and 2 CPU workers.
 
@@ -31,6 +31,7 @@ from app.db.engine import make_engine, upgrade
 from app.histogram import HIST_BINS
 from workers import store
 from workers.corpus import load_dataset
+from workers.finalize import finalize, logit_tables
 from workers.harvest import HarvestConfig, SourceSpec
 from workers.state import Ranked, SourceState, Stats
 
@@ -107,7 +108,8 @@ def disk_bytes(url: str) -> dict[str, int]:
 
 
 def write_source(url: str, lm, ds, state: SourceState, cfg: HarvestConfig, directions
-                 ) -> float:
+                 ) -> tuple[float, float]:
+    """(seconds to finalize, seconds to write) one source of the state's features."""
     n = state.stats.max.shape[0]
     spec = SourceSpec(slug="0-big", kind="neurons", hook_name="blocks.0.mlp.hook_post", layer=0,
                       n_features=n, directions=lambda: directions)
@@ -115,10 +117,12 @@ def write_source(url: str, lm, ds, state: SourceState, cfg: HarvestConfig, direc
     upgrade(engine)
     reg = store.begin(engine, lm, ds, [spec], cfg)
     t0 = time.perf_counter()
-    store.finish(engine, reg, lm, ds, [spec], {"0-big": state}, cfg)
-    total = time.perf_counter() - t0
+    results = finalize(lm, ds, [spec], {"0-big": state}, cfg)
+    t1 = time.perf_counter()
+    store.write(engine, reg, results)
+    t2 = time.perf_counter()
     engine.dispose()
-    return total
+    return t1 - t0, t2 - t1
 
 
 def serve_latency(url: str, model: str, n: int, seconds: float, serve_bench) -> dict:
@@ -139,23 +143,25 @@ def serve_latency(url: str, model: str, n: int, seconds: float, serve_bench) -> 
 def ray_tokens_per_second(n_tokens: int) -> list[tuple[int, float]]:
     import ray
 
-    from workers.harvest import Harvester
+    from workers.harvest import Shards, harvest_shards
     from workers.models import load_model
-    from workers.plan import HarvestPlan
-    from workers.ray_backend import run_harvest_ray
+    from workers.ray_backend import RayBackend
+    from workers.runner import HarvestPlan
 
     cfg = HarvestConfig(batch_size=8, shard_sequences=16)
     plan = HarvestPlan(model=DEFAULT_MODEL, layers=list(range(6)), cfg=cfg,
                        cache_dir=str(default_cache_dir()))
     lm = load_model(plan.model, cache_dir=Path(plan.cache_dir))
     ds = load_dataset("pydoc", lm.tokenizer, max_tokens=n_tokens)
-    n_shards = Harvester(lm, ds.tokens, plan.sources(lm), cfg, bos_first=True).n_shards
     out = []
     for workers in (1, 2):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_harvest_ray(plan, ds.tokens[:16], 1, bos_first=True, n_workers=workers)  # warm-up
+        warm = ds.tokens[:16]  # warm-up: one shard
+        harvest_shards(RayBackend(plan, warm, bos_first=True, n_workers=workers),
+                       Shards.of(warm, cfg))
         t0 = time.perf_counter()
-        run_harvest_ray(plan, ds.tokens, n_shards, bos_first=True, n_workers=workers)
+        harvest_shards(RayBackend(plan, ds.tokens, bos_first=True, n_workers=workers),
+                       Shards.of(ds.tokens, cfg))
         out.append((workers, ds.n_tokens / (time.perf_counter() - t0)))
         ray.shutdown()
     return out
@@ -185,7 +191,7 @@ def main() -> None:
                             cfg.sample_size, gen)
     directions = torch.randn(args.features, lm.d_model, generator=gen)
     t0 = time.perf_counter()
-    store.logit_tables(lm, directions)
+    logit_tables(lm, directions)
     t_dla = time.perf_counter() - t0
 
     results = []
@@ -203,12 +209,12 @@ def main() -> None:
     n = args.features
     print(f"\nwriting one source of {n:,} features ({cfg.top_k} top, {cfg.top_k} bottom, "
           f"{cfg.sample_size} quantile examples of {cfg.window} tokens each)")
-    print(f"  direct logit attribution inside it: {t_dla:.1f} s (same for both)\n")
-    print(f"{'database':<12}{'write s':>9}{'w/o DLA':>9}{'feat/s':>9}{'B/feature':>11}"
+    print(f"  direct logit attribution, part of finalizing: {t_dla:.1f} s\n")
+    print(f"{'database':<12}{'final. s':>9}{'write s':>9}{'feat/s':>9}{'B/feature':>11}"
           f"{'page p50':>10}{'page p99':>10}{'json p50':>10}{'json p99':>10}{'json req/s':>12}")
     for name, t, size, lat in results:
         h, j = lat["html"], lat["json"]
-        print(f"{name:<12}{t:>9.1f}{t - t_dla:>9.1f}{n / t:>9.0f}"
+        print(f"{name:<12}{t[0]:>9.1f}{t[1]:>9.1f}{n / t[1]:>9.0f}"
               f"{(size['features'] + size['example_blocks']) / n:>11.0f}{h['p50']:>9.1f}m"
               f"{h['p99']:>9.1f}m{j['p50']:>9.1f}m{j['p99']:>9.1f}m{j['rps']:>12.0f}")
     if not args.skip_ray:

@@ -245,6 +245,7 @@ class LiveWorld:
         from app.db.engine import make_engine, upgrade
         from workers import store
         from workers.corpus import load_dataset
+        from workers.finalize import finalize
         from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
         from workers.inference import ServedModels
         from workers.models import load_model
@@ -265,7 +266,7 @@ class LiveWorld:
         self.engine = make_engine(self.url)
         upgrade(self.engine)
         reg = store.begin(self.engine, self.lm, self.ds, self.specs, self.cfg)
-        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, self.cfg)
+        store.write(self.engine, reg, finalize(self.lm, self.ds, self.specs, states, self.cfg))
         self.states = states
         self.models = ServedModels.load(self.engine, device="cpu")
 

@@ -16,7 +16,8 @@ import torch
 from sqlalchemy import create_engine, text
 from support import LOOPBACK, stored_examples
 
-from app.cli import main, parse_layers
+from app.cli import main
+from workers.runner import parse_layers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CACHE = REPO / "data" / "cache"
@@ -93,14 +94,15 @@ def test_rerun_of_a_finished_harvest_is_refused(tmp_path, tiny_gpt2_dir, capsys,
 
 
 @pytest.mark.parametrize("text_, want", [("all", [0, 1, 2, 3]), ("0,2", [0, 2]),
-                                         ("1-3", [1, 2, 3]), ("0,2-3", [0, 2, 3])])
+                                         ("1-3", [1, 2, 3]), ("0,2-3", [0, 2, 3]),
+                                         ("none", [])])
 def test_parse_layers(text_, want):
     assert parse_layers(text_, 4) == want
 
 
 @pytest.mark.parametrize("bad", ["4", "x", "-1", "2-9", ""])
 def test_parse_layers_refuses_bad_input(bad):
-    with pytest.raises(SystemExit, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
         parse_layers(bad, 4)
 
 
@@ -202,6 +204,8 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     (["--dataset", "no-such-corpus"], 2, "unknown dataset"),
     (["--batch-size", "0"], 1, "--batch-size"),
     (["--layers", "7"], 1, "layers 0..1"),
+    (["--layers", "none"], 1, "nothing to harvest"),
+    (["--layers", "0;1"], 1, "--layers expects"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, extra,
                                       status, message):

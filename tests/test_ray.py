@@ -16,9 +16,15 @@ except ImportError:
     skip_or_fail("the Ray backend needs the 'ray' extra", module=True)
 
 from workers.corpus import load_dataset  # noqa: E402
-from workers.harvest import Checkpoint, HarvestConfig, Harvester, run_harvest  # noqa: E402
-from workers.plan import HarvestPlan  # noqa: E402
-from workers.ray_backend import run_harvest_ray  # noqa: E402
+from workers.harvest import (  # noqa: E402
+    Checkpoint,
+    HarvestConfig,
+    Harvester,
+    harvest_shards,
+    run_harvest,
+)
+from workers.ray_backend import RayBackend  # noqa: E402
+from workers.runner import HarvestPlan  # noqa: E402
 
 CFG = HarvestConfig(top_k=5, n_ranges=2, per_range=3, window=16, batch_size=4,
                     shard_sequences=8)
@@ -45,16 +51,32 @@ def setup(tiny_llama_dir):
 def test_ray_harvest_equals_in_process(cluster, setup, tmp_path):
     plan, ds, harvester, want = setup
     ckpt = Checkpoint(tmp_path, "ray")
-    got = run_harvest_ray(plan, ds.tokens, harvester.n_shards, bos_first=True, n_workers=2,
-                          checkpoint=ckpt)
+    got = harvest_shards(RayBackend(plan, ds.tokens, bos_first=True, n_workers=2),
+                         harvester.shards, ckpt)
     assert harvester.n_shards == 10
     assert_states_equal(got, want)
-    # a rerun finds every shard in the checkpoint and runs none
-    ran = []
-    again = run_harvest_ray(plan, ds.tokens, harvester.n_shards, bos_first=True, n_workers=2,
-                            checkpoint=ckpt, on_start=ran.extend)
-    assert ran and all(isinstance(a, ray.actor.ActorHandle) for a in ran)
+    # a rerun finds every shard in the checkpoint: it starts no actor and runs no shard
+    started, ran = [], []
+    again = harvest_shards(RayBackend(plan, ds.tokens, bos_first=True, n_workers=2,
+                                      on_start=started.extend),
+                           harvester.shards, ckpt, after_shard=ran.append)
+    assert started == [] and ran == []
     assert_states_equal(again, want)
+
+
+def test_ray_backend_runs_only_the_shards_it_is_given(cluster, setup):
+    plan, ds, harvester, want = setup
+    started = []
+    backend = RayBackend(plan, ds.tokens, bos_first=True, n_workers=2, on_start=started.extend)
+    tokens = []
+    got = dict(backend.run([7, 2, 9], tokens.append))
+    assert sorted(got) == [2, 7, 9]
+    assert len(started) == 2 and all(isinstance(a, ray.actor.ActorHandle) for a in started)
+    assert sum(tokens) == harvester.shards.tokens([2, 7, 9])
+    for shard, states in got.items():
+        assert {s for st in states.values() for s in st.shards} == {shard}
+        alone = {k: v.to("cpu") for k, v in harvester.run_shard(shard).items()}
+        assert_states_equal(states, alone)
 
 
 def test_killing_a_worker_mid_run_gives_the_same_result(cluster, setup, caplog):
@@ -71,8 +93,8 @@ def test_killing_a_worker_mid_run_gives_the_same_result(cluster, setup, caplog):
             killed.append(pids[0])
 
     with caplog.at_level(logging.WARNING, logger="workers.ray_backend"):
-        got = run_harvest_ray(plan, ds.tokens, harvester.n_shards, bos_first=True, n_workers=2,
-                              on_start=on_start, progress=progress)
+        got = harvest_shards(RayBackend(plan, ds.tokens, bos_first=True, n_workers=2,
+                                        on_start=on_start), harvester.shards, progress=progress)
     assert killed and len(set(pids)) == 2
     assert "retrying on a new actor" in caplog.text
     assert_states_equal(got, want)

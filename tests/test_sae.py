@@ -315,6 +315,7 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     from workers import store
     from workers.accumulate import window_start
     from workers.corpus import load_dataset
+    from workers.finalize import finalize
     from workers.harvest import HarvestConfig, Harvester, run_harvest
 
     lm = tiny_gpt2
@@ -331,7 +332,7 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     engine = make_engine(db_url)
     upgrade(engine)
     reg = store.begin(engine, lm, ds, specs, cfg)
-    store.finish(engine, reg, lm, ds, specs, states, cfg)
+    store.write(engine, reg, finalize(lm, ds, specs, states, cfg))
 
     captured = []
     lm.run_with_hooks(ds.tokens, [HOOK], lambda _n, a: captured.append(a.clone()))

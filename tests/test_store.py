@@ -12,6 +12,7 @@ from app.db.engine import make_engine, upgrade
 from app.db.tables import Dataset, ExampleGroup, Feature, Model, Sequence, Source
 from workers import store
 from workers.corpus import load_dataset
+from workers.finalize import N_TOP_TOKENS, finalize, top_token_counts
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.models import load_model
 
@@ -33,7 +34,7 @@ def write(url, harvested, **kw):
     engine = make_engine(url)
     upgrade(engine)
     reg = store.begin(engine, lm, ds, specs, CFG, **kw)
-    store.finish(engine, reg, lm, ds, specs, states, CFG)
+    store.write(engine, reg, finalize(lm, ds, specs, states, CFG))
     return engine, reg
 
 
@@ -128,10 +129,10 @@ def test_top_token_counts_equal_counting_each_feature():
     tokens = torch.randint(0, 6, (20, 300), generator=gen)
     fired = torch.rand(20, 300, generator=gen) < 0.7
     fired[:, :3] = False  # features that never fired
-    got = store.top_token_counts(tokens, fired)
+    got = top_token_counts(tokens, fired)
     for f in range(300):
         toks, counts = tokens[:, f][fired[:, f]].unique(return_counts=True)
         want = sorted(zip(toks.tolist(), counts.tolist(), strict=True),
-                      key=lambda tc: (-tc[1], tc[0]))[:store.N_TOP_TOKENS]
+                      key=lambda tc: (-tc[1], tc[0]))[:N_TOP_TOKENS]
         assert got[f] == [list(tc) for tc in want]
     assert got[0] == []

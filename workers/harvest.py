@@ -1,8 +1,9 @@
 """The harvest: one streaming pass of a model over a dataset that fills one or more sources.
 
-The corpus is cut into shards of whole batches. Each shard yields a finished state per source;
-states merge exactly, whatever the order, so a run checkpoints the merged state after every
-shard and a rerun of the same command resumes after the last finished one.
+The corpus is cut into shards of whole batches (`Shards`). Each shard yields a finished state
+per source; states merge exactly, whatever the order, so `harvest_shards` checkpoints the
+merged state after every shard and a rerun resumes after the finished ones. A backend (this
+process, or Ray actors in workers/ray_backend.py) only runs the shards it is given.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,38 @@ class HarvestConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How a dataset of `n_sequences` sequences of `seq_len` tokens is cut into shards of
+    `size` sequences (whole batches; the last shard may be shorter). Every shard range and
+    token count comes from here."""
+
+    n_sequences: int
+    seq_len: int
+    size: int
+
+    @classmethod
+    def of(cls, tokens: Tensor, cfg: HarvestConfig) -> Shards:
+        return cls(int(tokens.shape[0]), int(tokens.shape[1]),
+                   cfg.batches_per_shard * cfg.batch_size)
+
+    def __len__(self) -> int:
+        return -(-self.n_sequences // self.size)
+
+    def range(self, shard: int) -> tuple[int, int]:
+        """The sequences [lo, hi) of a shard."""
+        if not 0 <= shard < len(self):
+            raise IndexError(f"shard {shard} out of range: there are {len(self)}")
+        return shard * self.size, min((shard + 1) * self.size, self.n_sequences)
+
+    def tokens(self, shards: int | frozenset[int] | list[int]) -> int:
+        """The tokens of one shard, or of several."""
+        if isinstance(shards, int):
+            lo, hi = self.range(shards)
+            return (hi - lo) * self.seq_len
+        return sum(self.tokens(s) for s in shards)
 
 
 @dataclass
@@ -170,6 +203,7 @@ class Harvester:
             raise ValueError(f"duplicate source slugs: {slugs}")
         self.lm = lm
         self.tokens = tokens
+        self.shards = Shards.of(tokens, cfg)
         self.sources = sources
         self.cfg = cfg
         self.first = 1 if bos_first else 0
@@ -188,12 +222,7 @@ class Harvester:
 
     @property
     def n_shards(self) -> int:
-        per = self.cfg.batches_per_shard * self.cfg.batch_size
-        return -(-self.tokens.shape[0] // per)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        per = self.cfg.batches_per_shard * self.cfg.batch_size
-        return shard * per, min((shard + 1) * per, self.tokens.shape[0])
+        return len(self.shards)
 
     def run_shard(self, shard: int, progress: Callable[[int], None] | None = None
                   ) -> dict[str, SourceState]:
@@ -210,7 +239,7 @@ class Harvester:
         for s in self.sources:
             by_hook.setdefault(s.hook_name, []).append(s)
 
-        lo, hi = self.shard_range(shard)
+        lo, hi = self.shards.range(shard)
         for b0 in range(lo, hi, self.cfg.batch_size):
             b1 = min(b0 + self.cfg.batch_size, hi)
             ids = self.tokens[b0:b1].to(device, non_blocking=True)
@@ -268,25 +297,47 @@ class Checkpoint:
             self.dir.rmdir()
 
 
+class InProcessBackend:
+    """Runs shards one after another in this process, on the harvester's device."""
+
+    def __init__(self, harvester: Harvester):
+        self.harvester = harvester
+
+    def run(self, shards: list[int], progress: Callable[[int], None] | None = None
+            ) -> Iterator[tuple[int, dict[str, SourceState]]]:
+        """(shard, its states on the CPU) for each shard, in order; `progress` gets the tokens
+        of every batch as it finishes."""
+        for shard in shards:
+            states = self.harvester.run_shard(shard, progress)
+            yield shard, {k: v.to("cpu") for k, v in states.items()}
+
+
+def harvest_shards(backend, shards: Shards, checkpoint: Checkpoint | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   after_shard: Callable[[int], None] | None = None) -> dict[str, SourceState]:
+    """Every shard not yet in the checkpoint, run by `backend` and merged into it (saved after
+    each); returns the merged states of all shards, on the CPU. `progress` first gets the
+    tokens of the shards the checkpoint already holds, then the backend's."""
+    merged = checkpoint.load() if checkpoint else None
+    done: frozenset[int] = next(iter(merged.values())).shards if merged else frozenset()
+    if done:
+        log.info("resuming: %d of %d shards already done", len(done), len(shards))
+        if progress is not None:
+            progress(shards.tokens(done))
+    todo = [s for s in range(len(shards)) if s not in done]
+    if todo:
+        for shard, states in backend.run(todo, progress):
+            merged = merge_states(merged, states)
+            if checkpoint is not None:
+                checkpoint.save(merged)
+            if after_shard is not None:
+                after_shard(shard)
+    return merged
+
+
 def run_harvest(harvester: Harvester, checkpoint: Checkpoint | None = None,
                 progress: Callable[[int], None] | None = None,
                 after_shard: Callable[[int], None] | None = None) -> dict[str, SourceState]:
-    """Every shard not yet in the checkpoint, merged into it; returns the states of all shards."""
-    merged = checkpoint.load() if checkpoint else None
-    done: frozenset[int] = frozenset()
-    if merged:
-        done = next(iter(merged.values())).shards
-        log.info("resuming: %d of %d shards already done", len(done), harvester.n_shards)
-        if progress is not None:
-            progress(sum(harvester.shard_range(s)[1] - harvester.shard_range(s)[0]
-                         for s in done) * harvester.tokens.shape[1])
-    for shard in range(harvester.n_shards):
-        if shard in done:
-            continue
-        states = harvester.run_shard(shard, progress)
-        merged = merge_states(merged, {k: v.to("cpu") for k, v in states.items()})
-        if checkpoint is not None:
-            checkpoint.save(merged)
-        if after_shard is not None:
-            after_shard(shard)
-    return {k: v.to("cpu") for k, v in merged.items()}
+    """Every shard of the harvester's dataset in this process (resumed from `checkpoint`)."""
+    return harvest_shards(InProcessBackend(harvester), harvester.shards, checkpoint, progress,
+                          after_shard)

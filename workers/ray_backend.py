@@ -1,22 +1,23 @@
-"""The Ray backend: shards of a harvest on Ray actors (one GPU each where there are GPUs),
-merged on the driver, which checkpoints after every shard and writes once.
+"""The Ray backend: shards of a harvest on Ray actors (one GPU each where there are GPUs).
 
-A shard whose actor dies is run again on a fresh actor; a rerun of the same command skips the
-shards already in the checkpoint. States merge exactly in any order, so the result equals the
+It runs the shards it is given and hands back each one's states as it finishes; the runner
+merges, checkpoints and writes (workers/harvest.py `harvest_shards`). A shard whose actor dies
+is run again on a fresh actor. States merge exactly in any order, so the result equals the
 in-process harvest of the same data. Imported only with `--backend ray`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import ray
 import torch
 from torch import Tensor
 
-from workers.harvest import Checkpoint, Harvester, merge_states
-from workers.plan import HarvestPlan
+from workers.harvest import Harvester, Shards
+from workers.runner import HarvestPlan
 from workers.state import SourceState
 
 log = logging.getLogger(__name__)
@@ -43,79 +44,82 @@ class ShardWorker:
         return {k: v.to("cpu") for k, v in states.items()}
 
 
-def run_harvest_ray(plan: HarvestPlan, tokens: Tensor, n_shards: int, *, bos_first: bool,
-                    n_workers: int | None = None, address: str | None = None,
-                    checkpoint: Checkpoint | None = None,
-                    progress: Callable[[int], None] | None = None,
-                    on_start: Callable[[list], None] | None = None,
-                    max_retries: int = 3) -> dict[str, SourceState]:
-    """Every shard not in the checkpoint, on a pool of actors; returns the merged states.
+class RayBackend:
+    """Runs shards on a pool of actors that rebuild the model and sources from `plan`.
 
-    on_start receives the actor handles once they are up (tests use it to kill one).
+    n_workers: actors to start (default: one per GPU, else one per CPU); address: the cluster
+    to join (default: start a local one); on_start receives the actor handles once they are
+    up (tests use it to kill one); a shard is retried on a new actor up to max_retries times.
     """
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    if n_workers is None:
-        n_workers = gpus or max(1, cpus)
-    use_gpu = gpus > 0 and plan.device != "cpu"
-    per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    threads = None if use_gpu else max(1, cpus // n_workers)
-    actor_cls = ray.remote(**per_actor)(ShardWorker)
-    if not use_gpu:
-        plan.device = "cpu"
-    tokens_ref = ray.put(tokens.to(torch.int32))
 
-    every_actor = []
+    def __init__(self, plan: HarvestPlan, tokens: Tensor, *, bos_first: bool,
+                 n_workers: int | None = None, address: str | None = None,
+                 on_start: Callable[[list], None] | None = None, max_retries: int = 3):
+        self.plan = plan
+        self.tokens = tokens
+        self.shards = Shards.of(tokens, plan.cfg)
+        self.bos_first = bos_first
+        self.n_workers = n_workers
+        self.address = address
+        self.on_start = on_start
+        self.max_retries = max_retries
 
-    def spawn():
-        actor = actor_cls.remote(plan, tokens_ref, bos_first, threads)
-        every_actor.append(actor)
-        return actor
+    def run(self, shards: list[int], progress: Callable[[int], None] | None = None
+            ) -> Iterator[tuple[int, dict[str, SourceState]]]:
+        """(shard, its states) for each shard as it finishes, in any order; `progress` gets
+        each finished shard's tokens."""
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_workers = self.n_workers or gpus or max(1, cpus)
+        use_gpu = gpus > 0 and self.plan.device != "cpu"
+        per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+        threads = None if use_gpu else max(1, cpus // n_workers)
+        actor_cls = ray.remote(**per_actor)(ShardWorker)
+        plan = self.plan if use_gpu else replace(self.plan, device="cpu")
+        tokens_ref = ray.put(self.tokens.to(torch.int32))
+        every_actor = []
 
-    merged = checkpoint.load() if checkpoint else None
-    done = next(iter(merged.values())).shards if merged else frozenset()
-    todo = [s for s in range(n_shards) if s not in done]
-    seq_per_shard = plan.cfg.batches_per_shard * plan.cfg.batch_size
-    if done and progress is not None:
-        progress(sum(min(seq_per_shard, len(tokens) - s * seq_per_shard) for s in done)
-                 * tokens.shape[1])
-    actors = [spawn() for _ in range(min(n_workers, max(len(todo), 1)))]
-    if on_start is not None:
-        on_start(actors)
-    retries: dict[int, int] = {}
-    running: dict = {}  # object ref -> (shard, actor)
+        def spawn():
+            actor = actor_cls.remote(plan, tokens_ref, self.bos_first, threads)
+            every_actor.append(actor)
+            return actor
 
-    def submit(actor) -> None:
-        if todo:
-            shard = todo.pop(0)
-            running[actor.run.remote(shard)] = (shard, actor)
+        todo = list(shards)
+        retries: dict[int, int] = {}
+        running: dict = {}  # object ref -> (shard, actor)
 
-    for actor in actors:
-        submit(actor)
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1)
-        ref = ready[0]
-        shard, actor = running.pop(ref)
+        def submit(actor) -> None:
+            if todo:
+                shard = todo.pop(0)
+                running[actor.run.remote(shard)] = (shard, actor)
+
         try:
-            states = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            retries[shard] = retries.get(shard, 0) + 1
-            if retries[shard] > max_retries:
-                raise RuntimeError(f"shard {shard} failed {max_retries + 1} times") from exc
-            log.warning("actor running shard %d died (%s); retrying on a new actor",
-                        shard, type(exc).__name__)
-            todo.insert(0, shard)
-            submit(spawn())
-            continue
-        merged = merge_states(merged, states)
-        if checkpoint is not None:
-            checkpoint.save(merged)
-        if progress is not None:
-            lo = shard * seq_per_shard
-            progress((min(lo + seq_per_shard, len(tokens)) - lo) * tokens.shape[1])
-        submit(actor)
-    for actor in every_actor:
-        ray.kill(actor)
-    return merged
+            actors = [spawn() for _ in range(min(n_workers, len(todo)))]
+            if self.on_start is not None:
+                self.on_start(actors)
+            for actor in actors:
+                submit(actor)
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1)
+                shard, actor = running.pop(ready[0])
+                try:
+                    states = ray.get(ready[0])
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    retries[shard] = retries.get(shard, 0) + 1
+                    if retries[shard] > self.max_retries:
+                        raise RuntimeError(
+                            f"shard {shard} failed {self.max_retries + 1} times") from exc
+                    log.warning("actor running shard %d died (%s); retrying on a new actor",
+                                shard, type(exc).__name__)
+                    todo.insert(0, shard)
+                    submit(spawn())
+                    continue
+                submit(actor)  # the next shard runs while the driver merges this one
+                if progress is not None:
+                    progress(self.shards.tokens(shard))
+                yield shard, states
+        finally:
+            for actor in every_actor:
+                ray.kill(actor)

@@ -376,11 +376,25 @@ def train_sae(lm, dataset, cfg: TrainConfig, out: str | Path, *, progress: bool 
     return metrics
 
 
-def cmd_train_sae(args, settings, *, device: str) -> int:
-    """`featurescope train-sae`: parse the arguments, train, write --out and report."""
+def train_sae_on(model: str, dataset: str, cfg: TrainConfig, out: str | Path, *,
+                 seq_len: int = 128, device: str = "cpu", cache_dir: Path | None = None,
+                 progress: bool = True) -> dict[str, float]:
+    """Load the model and the corpus (cfg.max_tokens of training plus the held-out sequences),
+    train and write `out`; returns the metrics."""
     from workers.corpus import load_dataset
     from workers.models import load_model
 
+    torch.manual_seed(cfg.seed)
+    lm = load_model(model, device=device, cache_dir=cache_dir)
+    lm.hook_shape_dim(cfg.hook_name)  # an unknown hook point fails before the corpus is read
+    cap = None if cfg.max_tokens is None else cfg.max_tokens + cfg.eval_sequences * seq_len
+    ds = load_dataset(dataset, lm.tokenizer, seq_len=seq_len, max_tokens=cap,
+                      cache_dir=cache_dir)
+    return train_sae(lm, ds, cfg, out, progress=progress)
+
+
+def cmd_train_sae(args, settings, *, device: str) -> int:
+    """`featurescope train-sae`: parse the arguments, train, write --out and report."""
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"error: {out} exists and is not empty; choose another --out")
@@ -390,13 +404,8 @@ def cmd_train_sae(args, settings, *, device: str) -> int:
                       sparsity_coeff=args.l1, lr=args.lr, max_tokens=args.max_tokens,
                       model_batch=args.batch_size, seed=args.seed,
                       **({"passes": passes} if passes else {}))
-    torch.manual_seed(args.seed)
-    lm = load_model(args.model, device=device, cache_dir=settings.cache_dir)
-    lm.hook_shape_dim(cfg.hook_name)  # an unknown hook point fails before the corpus is read
-    cap = None if args.max_tokens is None else args.max_tokens + cfg.eval_sequences * args.seq_len
-    dataset = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len, max_tokens=cap,
-                           cache_dir=settings.cache_dir)
-    m = train_sae(lm, dataset, cfg, out, progress=not args.quiet)
+    m = train_sae_on(args.model, args.dataset, cfg, out, seq_len=args.seq_len, device=device,
+                     cache_dir=settings.cache_dir, progress=not args.quiet)
     rec = m["loss_recovered"]
     print(f"wrote {out}: trained on {m['n_tokens_trained']} tokens x {cfg.passes} passes; "
           f"L0 {m['l0']:.1f}, variance explained {m['variance_explained']:.3f}, "

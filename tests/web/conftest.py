@@ -104,12 +104,13 @@ def harvests(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory) -> list[Harvest]:
 
 def write_harvests(url: str, harvests: list[Harvest]) -> WebDB:
     from workers import store
+    from workers.finalize import finalize
 
     engine = make_engine(url)
     upgrade(engine)
     for h in harvests:
         reg = store.begin(engine, h.lm, h.dataset, h.specs, h.cfg)
-        store.finish(engine, reg, h.lm, h.dataset, h.specs, h.states, h.cfg)
+        store.write(engine, reg, finalize(h.lm, h.dataset, h.specs, h.states, h.cfg))
         if h.building:
             reg = store.begin(engine, h.lm, h.dataset, h.building, h.cfg)
             store.report_progress(engine, reg, h.dataset.n_tokens // 3)

@@ -29,6 +29,7 @@ from app.routes.present import fmt
 from workers import store
 from workers.ablation import Ablation, ablate
 from workers.corpus import load_dataset
+from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.inference import ServedModels
 from workers.models import load_model
@@ -60,7 +61,7 @@ class World:
         self.engine = make_engine(url)
         upgrade(self.engine)
         reg = store.begin(self.engine, self.lm, self.ds, self.specs, cfg)
-        store.finish(self.engine, reg, self.lm, self.ds, self.specs, states, cfg)
+        store.write(self.engine, reg, finalize(self.lm, self.ds, self.specs, states, cfg))
         self.models = ServedModels.load(self.engine, device="cpu")
 
     def ids(self, text: str) -> list[int]:

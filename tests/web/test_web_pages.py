@@ -57,14 +57,20 @@ def test_htmx_requests_get_the_partial_alone(client, web_db):
         assert "<html" in full.text
 
 
+RELOAD = '<noscript><meta http-equiv="refresh" content="5"></noscript>'
+
+
 def test_building_sources_poll_their_own_fragment(client, web_db):
     home = page(client, "/").text
     assert re.search(r'<div id="models" hx-get="/" hx-trigger="load delay:2s"', home)
     assert "harvesting" in home and "<progress" in home
+    assert RELOAD in home  # without JavaScript the page reloads itself
     src = page(client, f"/{web_db.llama}/0-res-sae-32").text
     assert f'hx-get="/{web_db.llama}/0-res-sae-32"' in src and "being harvested" in src
+    assert RELOAD in src and RELOAD in page(client, f"/{web_db.llama}").text
     model = page(client, f"/{web_db.gpt2}").text  # nothing building there
-    assert "hx-trigger" not in model
+    assert "hx-trigger" not in model and "refresh" not in model
+    assert "refresh" not in page(client, f"/{web_db.llama}/1-mlp").text
 
 
 def test_feature_page_header_and_sections(client, web_db):
