@@ -8,9 +8,10 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
+from app.neuronpedia_schemas import NpActivation
 from app.routes.deps import MAX_INDEX, SLUG_PATTERN
 from app.schema_types import In, UtcTime
-from app.schemas import NpActivation, Out, TokenCount
+from app.schemas import Out, TokenCount
 
 NAME = Field(min_length=1, max_length=200, description="the list's name")
 DESCRIPTION = Field("", max_length=10_000, description="what the list is about")

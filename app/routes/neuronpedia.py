@@ -92,15 +92,20 @@ def np_source(request: Request, model: str, src: Row, n_sequences: int | None,
                     num_prompts=n_sequences, num_tokens_in_prompt=seq_len)
 
 
-def to_neuronpedia(ctx: FeaturePage, model: NpModel, source: NpSource) -> NpFeature:
-    """The feature page's context as Neuronpedia's feature answer: its activations by maxValue,
-    highest first, as Neuronpedia orders them (the top examples before range examples of the
-    same value)."""
+def np_activations(ctx: FeaturePage) -> list[NpActivation]:
+    """The feature's stored examples as Neuronpedia's activations, by maxValue, highest first,
+    as Neuronpedia orders them (the top examples before range examples of the same value)."""
     sample = [ex.peak_value for g in ctx.quantiles for ex in g.examples]
     groups = [("top", ctx.top)] + [(g.name, g.examples) for g in ctx.quantiles]
     acts = [_activation(ctx, ex, name, [e.peak_value for e in exs], sample)
             for name, exs in groups for ex in exs]
     acts.sort(key=lambda a: -a.maxValue)
+    return acts
+
+
+def to_neuronpedia(ctx: FeaturePage, model: NpModel, source: NpSource) -> NpFeature:
+    """The feature page's context as Neuronpedia's feature answer."""
+    acts = np_activations(ctx)
     heights, values = _freq_hist(ctx)
     return NpFeature(
         modelId=ctx.model, layer=ctx.source, index=str(ctx.index),
@@ -166,10 +171,3 @@ def neuronpedia_source_set(request: Request, session: SessionDep, model: ModelSl
     return Response(out.model_dump_json(), media_type="application/json",
                     headers={"Cache-Control": "no-cache"})
 
-
-@router.post("/api/list/get", include_in_schema=False)
-@router.post("/api/list/get/", include_in_schema=False)
-@router.post("/api/list/list", include_in_schema=False)
-@router.post("/api/list/list/", include_in_schema=False)
-async def neuronpedia_lists():
-    raise not_found("lists are not available on this server yet")

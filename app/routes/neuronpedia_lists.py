@@ -29,12 +29,13 @@ from app.list_schemas import (
     NpListNewIn,
     NpUser,
 )
+from app.neuronpedia_schemas import source_set_name
 from app.routes.access import sender
 from app.routes.deps import MAX_INDEX, checked, invalid, read_db
 from app.routes.errors import documented
 from app.routes.features import build_feature
 from app.routes.lists import ListFeatureIn, ListIn, Writer, add, create, load_list
-from app.routes.neuronpedia import to_neuronpedia
+from app.routes.neuronpedia import np_activations
 
 router = APIRouter(prefix="/api/list")
 
@@ -64,11 +65,11 @@ def _feature(session: Session, vocabs: queries.VocabCache, model: str, source: s
     src = queries.source_by_slug(session, model=model, source=source)
     if src is None or src.status != "ready" or index >= src.n_features:
         return None
-    np = to_neuronpedia(build_feature(session, vocabs, src, index))
-    return NpListFeature(modelId=np.modelId, layer=np.layer, index=np.index,
-                         sourceSetName=np.sourceSetName, hookName=np.hookName,
-                         maxActApprox=np.maxActApprox, frac_nonzero=np.frac_nonzero,
-                         activations=np.activations[:TOP])
+    ctx = build_feature(session, vocabs, src, index)
+    return NpListFeature(modelId=ctx.model, layer=ctx.source, index=str(ctx.index),
+                         sourceSetName=source_set_name(ctx.source), hookName=ctx.hook_name,
+                         maxActApprox=ctx.stats.max_act, frac_nonzero=ctx.stats.frac_active,
+                         activations=np_activations(ctx)[:TOP])
 
 
 def np_list(session: Session, vocabs: queries.VocabCache | None, lst: FeatureList) -> NpList:
