@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schema_types import NpIn
+
 Verdict = Literal["informative", "uninformative", "too-few"]
 
 
@@ -152,7 +154,7 @@ class NpExplanationHit(NpExplanation):
     neuron: NpNeuronRef
 
 
-class NpExplanationSearchAllIn(BaseModel):
+class NpExplanationSearchAllIn(NpIn):
     """The body of Neuronpedia's POST /api/explanation/search-all."""
 
     query: str = Field(min_length=1, max_length=1000)

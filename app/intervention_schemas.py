@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from app.model_queue import MAX_TEXT_CHARS
+from app.schema_types import In, NpIn
 from app.schemas import Out, TokenRef
 
 MAX_NEW_TOKENS = 256
@@ -26,10 +27,6 @@ PATCH_KINDS = ("resid", "heads", "mlp")
 ModelSlug = Annotated[str, Field(max_length=128, examples=["smollm2-135m-instruct"])]
 SourceSlug = Annotated[str, Field(max_length=128, examples=["6-mlp"])]
 Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
-
-
-class In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ------------------------------------------------------------------ steering
@@ -117,14 +114,14 @@ class SteerView(RunView):
     result: SteerOut | None = Field(None, description="after a run (a POST) only")
 
 
-class NpSteerFeatureIn(BaseModel):
+class NpSteerFeatureIn(NpIn):
     modelId: ModelSlug
     layer: SourceSlug
     index: Index
     strength: float = Field(allow_inf_nan=False, ge=-1e6, le=1e6)
 
 
-class NpSteerIn(BaseModel):
+class NpSteerIn(NpIn):
     """The body of Neuronpedia's POST /api/steer."""
 
     prompt: str = Field(max_length=MAX_TEXT_CHARS)

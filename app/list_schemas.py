@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from app.neuronpedia_schemas import NpActivation
 from app.routes.deps import MAX_INDEX, SLUG_PATTERN
-from app.schema_types import In, UtcTime
+from app.schema_types import In, NpIn, UtcTime
 from app.schemas import Out, TokenCount
 
 NAME = Field(min_length=1, max_length=200, description="the list's name")
@@ -80,10 +80,6 @@ class ListDeleted(Out):
 
 
 # ------------------------------------------------------------------ Neuronpedia's shapes
-
-
-class NpIn(In):
-    model_config = ConfigDict(extra="ignore")
 
 
 class NpListGetIn(NpIn):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.explanation_schemas import NpExplanation
 from app.model_queue import MAX_TEXT_CHARS
+from app.schema_types import NpIn
 from app.schemas import Out
 
 Slug = Annotated[str, Field(max_length=128)]
@@ -144,7 +145,7 @@ class NpSourceSet(Out):
 # ------------------------------------------------------------------ live: activation/...
 
 
-class NpFeatureRef(BaseModel):
+class NpFeatureRef(NpIn):
     """A feature as Neuronpedia's routes take it: `layer` or `source`, `index` as a string."""
 
     modelId: Slug
@@ -162,18 +163,23 @@ class NpFeatureRef(BaseModel):
     def slug(self) -> str:
         return self.layer or self.source  # Neuronpedia: layer, else source
 
-    @property
-    def number(self) -> int:
+    @field_validator("index")
+    @classmethod
+    def _index(cls, value: str | int) -> str | int:
         try:
-            index = int(self.index)
+            index = int(value)
         except ValueError:
-            raise ValueError(f"index must be an integer, got {self.index!r}") from None
+            raise ValueError(f"index must be an integer, got {value!r}") from None
         if not 0 <= index < 2**31:
             raise ValueError(f"index must be between 0 and {2**31 - 1}")
-        return index
+        return value
+
+    @property
+    def number(self) -> int:
+        return int(self.index)
 
 
-class NpActivationNewIn(BaseModel):
+class NpActivationNewIn(NpIn):
     """The body of Neuronpedia's POST /api/activation/new (`neuron` before `feature`)."""
 
     feature: NpFeatureRef | None = None
@@ -211,7 +217,7 @@ class NpLiveActivation(Out):
     dataSource: str = "featurescope"
 
 
-class NpSourceActivationsIn(BaseModel):
+class NpSourceActivationsIn(NpIn):
     """The body of Neuronpedia's POST /api/activation/source."""
 
     modelId: Slug
@@ -245,7 +251,7 @@ class NpNeuron(Out):
     frac_nonzero: float
 
 
-class NpSearchAllIn(BaseModel):
+class NpSearchAllIn(NpIn):
     """The body of Neuronpedia's POST /api/search-all."""
 
     modelId: Slug
@@ -284,7 +290,7 @@ class NpSearchAllBatch(Out):
     results: list[NpSearchAllOut] = Field(description="one per text")
 
 
-class NpTopkIn(BaseModel):
+class NpTopkIn(NpIn):
     """The body of Neuronpedia's POST /api/search-topk-by-token."""
 
     modelId: Slug

@@ -1,5 +1,6 @@
 """Types the JSON contract's request bodies and answers share (`app.schemas` and the schema
-modules beside it): `In`, a request body whose every text is `plain_text`, and `UtcTime`."""
+modules beside it): `In`, a request body whose every text is `plain_text`, `NpIn`, one in
+Neuronpedia's shape, and `UtcTime`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ class In(BaseModel):
     @classmethod
     def _plain_texts(cls, value):
         return _plain(value)
+
+
+class NpIn(In):
+    """A body in Neuronpedia's shape: keys its client sends that this server has no use for
+    are ignored, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

@@ -96,10 +96,7 @@ async def _prepare(request: Request, session: Session, model: str, source: str,
        "/api/activation/new")
 async def activation_new(request: Request, body: NpActivationNewIn, session: SessionDep):
     ref = body.ref
-    try:
-        index = ref.number
-    except ValueError as exc:
-        raise invalid(f"feature.{exc}") from None
+    index = ref.number
     queue = model_queue(request)
     src = await run_in_threadpool(ready_feature, session, ref.modelId, ref.slug, index)
     vocab = await run_in_threadpool(_vocab, request, session, src)

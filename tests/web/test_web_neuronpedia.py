@@ -1,6 +1,6 @@
 """GET /api/feature/{model}/{source}/{index} and /api/source-set/{model}/{name}: Neuronpedia's
 fields, checked one by one against the stored rows; a script written for Neuronpedia run
-against them; the lists' 404. (Its own client runs in test_web_neuronpedia_client.py.)"""
+against them; an unknown list's 404. (Its own client runs in test_web_neuronpedia_client.py.)"""
 
 from __future__ import annotations
 
@@ -150,12 +150,11 @@ def test_source_set_lists_the_sources_of_the_set(client, web_db):
     assert client.get("/api/source-set/nope/mlp").json()["status"] == 404
 
 
-@pytest.mark.parametrize("path", ["/api/list/get", "/api/list/get/", "/api/list/list/"])
-def test_lists_answer_404_in_the_envelope(client, path):
+@pytest.mark.parametrize("path", ["/api/list/get", "/api/list/get/"])
+def test_an_unknown_list_is_404_in_the_envelope(client, path):
     r = client.post(path, json={"listId": "x"}, follow_redirects=False)
     assert r.status_code == 404
-    assert r.json() == {"ok": False, "status": 404,
-                        "error": "lists are not available on this server yet"}
+    assert r.json() == {"ok": False, "status": 404, "error": "no list 'x'"}
 
 
 @pytest.mark.parametrize("path", ["/api/activation/new", "/api/activation/source",

@@ -1,6 +1,6 @@
 """Neuronpedia's own Python client (PyPI `neuronpedia`, in the `compat` extra), unmodified, with
 its base URL pointed at a served harvest over real HTTP: every call of it that reads features,
-activations, searches, source sets and lists, its results checked against the stored rows and
+activations, searches and source sets (lists: test_web_lists.py), its results checked against the stored rows and
 against the model run by hand. Where the client is missing the module skips (in CI: fails)."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from support import LiveWorld, serve_in_thread, skip_or_fail, stored_examples
 try:
     from neuronpedia import ActivationRequest, FeatureRequest, SAEFeatureRequest
     from neuronpedia.np_feature import Feature
-    from neuronpedia.np_list import NPList
     from neuronpedia.np_sae_feature import SAEFeature
     from neuronpedia.np_source_set import SourceSet
     from neuronpedia.requests.base_request import NPRequest
@@ -203,13 +202,6 @@ def test_source_sets(world):
     assert [(x.id, x.set_name) for x in sae.sources] == [(SAE, "res-sae-48")]
     with pytest.raises(requests.HTTPError, match="404"):
         SourceSet.get(world.lm.slug, "res-sae-49")
-
-
-def test_lists_are_not_there_yet():
-    with pytest.raises(requests.HTTPError, match="404"):
-        NPList.get("some-list")
-    with pytest.raises(requests.HTTPError, match="404"):
-        NPList.get_owned()
 
 
 # ------------------------------------------------------------------ what the client never sends
