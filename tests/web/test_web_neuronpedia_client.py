@@ -17,11 +17,12 @@ from support import LiveWorld, serve_in_thread, skip_or_fail, stored_examples
 
 try:
     from neuronpedia import ActivationRequest, FeatureRequest, SAEFeatureRequest
-    from neuronpedia.np_feature import Feature
+    from neuronpedia.np_feature import Feature, SteerFeature
     from neuronpedia.np_sae_feature import SAEFeature
     from neuronpedia.np_source_set import SourceSet
     from neuronpedia.requests.base_request import NPRequest
     from neuronpedia.requests.source_activation_request import SourceActivationRequest
+    from neuronpedia.requests.steer_request import SteerCompletionRequest
     from neuronpedia.requests.topk_by_token_request import TopKByTokenRequest
 except ImportError as exc:  # pragma: no cover - depends on the environment
     skip_or_fail(f"the neuronpedia client is not installed ({exc}); pip install -e "
@@ -202,6 +203,21 @@ def test_source_sets(world):
     assert [(x.id, x.set_name) for x in sae.sources] == [(SAE, "res-sae-48")]
     with pytest.raises(requests.HTTPError, match="404"):
         SourceSet.get(world.lm.slug, "res-sae-49")
+
+
+def test_steer_features(world, base):
+    """The client's steered completion: its strengths times its multiplier, the prompt before
+    each text, the same texts as featurescope's own /api/v1/steer on the same request."""
+    prompt = "The meaning of life is"
+    out = SteerCompletionRequest().steer_features(
+        world.lm.slug, [SteerFeature(modelId=world.lm.slug, source=SAE, index=3, strength=3)],
+        prompt, temperature=0.8, n_tokens=8, freq_penalty=0.5, seed=7, strength_multiplier=4)
+    ours = _post(base, "/api/v1/steer", {
+        "model": world.lm.slug, "prompt": prompt, "n_tokens": 8, "temperature": 0.8,
+        "freq_penalty": 0.5, "seed": 7, "features": [{"source": SAE, "index": 3, "strength": 12}]})
+    assert out["STEERED"] == prompt + ours["steered"]["text"]
+    assert out["DEFAULT"] == prompt + ours["default"]["text"]
+    assert out["STEERED"] != out["DEFAULT"]
 
 
 # ------------------------------------------------------------------ what the client never sends
