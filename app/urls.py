@@ -110,10 +110,6 @@ def steer_api() -> str:
     return "/api/v1/steer"
 
 
-def ablate_api() -> str:
-    return "/api/v1/ablate"
-
-
 def patch_api() -> str:
     return "/api/v1/patch"
 def explanation_search(q: str | None = None, model: str | None = None,
@@ -122,22 +118,6 @@ def explanation_search(q: str | None = None, model: str | None = None,
     return _with_query("/search/explanations", {
         "q": q or None, "model": model or None,
         "sources": ",".join(sources) if sources else None, "offset": offset or None})
-
-
-def explanation_search_api(kind: str = "search") -> str:
-    """Neuronpedia's explanation search: `search` (sources of a model), `search-model`,
-    `search-all`."""
-    if kind not in ("search", "search-model", "search-all"):
-        raise ValueError(f"no explanation search {kind!r}")
-    return f"/api/explanation/{kind}"
-
-
-def activations_api() -> str:
-    return "/api/v1/activations"
-
-
-def search_api() -> str:
-    return "/api/v1/search"
 
 
 def json(url: str) -> str:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.config import normalize_db_url
 
@@ -56,10 +56,6 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.downgrade(cfg, revision)
         else:
             command.upgrade(cfg, revision)
-
-
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
