@@ -4,12 +4,10 @@ the relations table written by a harvest, up and down its migration."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from sqlalchemy import inspect, select
-from support import random_sae
+from support import assert_lists_close, brute_acts, brute_cofiring, brute_lists, random_sae
 
 from app.db.engine import make_engine, transaction, upgrade
 from app.db.tables import Relation, Source
@@ -36,28 +34,6 @@ def setup(request, tiny_gpt2_dir, tiny_llama_dir, tmp_path_factory):
     return lm, ds, specs
 
 
-def brute_acts(lm, ds, spec) -> torch.Tensor:
-    """Every counted token's activations [N, F] in float64, from one plain forward pass."""
-    out = {}
-    lm.run_with_hooks(ds.tokens, [spec.hook_name], lambda n, a: out.__setitem__(n, a.clone()))
-    acts = out[spec.hook_name]
-    if spec.encode is not None:
-        acts = spec.encode(acts)
-    return acts[:, 1:, :].reshape(-1, spec.n_features).double()
-
-
-def brute_lists(values: torch.Tensor, *, positive: bool = False, self_too: bool = False
-                ) -> list[list[tuple[int, float]]]:
-    """Per row i, the N_RELATED best j (j != i unless self_too) with a finite value (> 0 where
-    positive), by (value desc, j asc): plain Python over every pair."""
-    out = []
-    for i, row in enumerate(values.tolist()):
-        cands = [(-v, j) for j, v in enumerate(row)
-                 if (j != i or self_too) and math.isfinite(v) and (v > 0 or not positive)]
-        out.append([(j, -v) for v, j in sorted(cands)[:N_RELATED]])
-    return out
-
-
 def lists_of(rows, kind: str, slug: str, n: int, *, same: bool = True):
     got = [[] for _ in range(n)]
     for f, k, rank, other, j, v in rows:
@@ -65,16 +41,6 @@ def lists_of(rows, kind: str, slug: str, n: int, *, same: bool = True):
             assert rank == len(got[f])
             got[f].append((j, v) if same else (other, j, v))
     return got
-
-
-def assert_lists_close(got, want, values: torch.Tensor, rel=1e-6):
-    """Same lengths; at each rank the same value, and the listed feature has that value (ties
-    within float rounding may list either of two features)."""
-    assert [len(g) for g in got] == [len(w) for w in want]
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        for (j, v), (_, wv) in zip(g, w, strict=True):
-            assert v == pytest.approx(wv, rel=rel, abs=1e-9)
-            assert values[i, j].item() == pytest.approx(v, rel=rel, abs=1e-9)
 
 
 def harvest(lm, ds, specs):
@@ -87,12 +53,8 @@ def test_cofiring_lists_equal_brute_force(setup):
     lm, ds, specs = setup
     _, states = harvest(lm, ds, specs)
     for spec in specs:
-        x = brute_acts(lm, ds, spec)
-        a = (x > 0).double()
-        co = a.T @ a
-        n = co.diagonal()
-        jac = co / (n[:, None] + n[None, :] - co)
-        pear = torch.corrcoef(x.T)
+        x = brute_acts(lm, ds.tokens, spec)
+        co, jac, pear = brute_cofiring(x)
         cof = states[spec.slug].cofire
         assert cof.n_tokens == x.shape[0]
         assert torch.equal(cof.co.double(), co), spec.slug
