@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, keys
+from app.commands import embed, keys, match
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prepare)
     embed.register(sub)
     keys.register(sub)
+    match.register(sub)
     return p
 
 

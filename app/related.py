@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app import explanations, urls
 from app.db import relations as db
-from app.db.tables import RelationKind
+from app.db.tables import MATCH_BEST, RelationKind
 from app.relation_schemas import FeatureRelated, RelatedOut
 
 
@@ -31,6 +31,8 @@ def related_of(session: Session, cache: explanations.ExplanationCache, *, source
     for r in sorted(rows, key=lambda r: (r.kind, r.other_source_id != source_id, r.rank,
                                          r.other_source_id)):
         name = r.kind
+        if r.kind == RelationKind.match and r.rank != MATCH_BEST:
+            continue  # the one-to-one partners are on the comparison page
         if r.kind == RelationKind.cosine and r.other_source_id != source_id:
             name = "cosine_across"
         lists[name].append(RelatedOut(

@@ -35,3 +35,39 @@ class FeatureRelated(_Out):
     @classmethod
     def empty(cls) -> FeatureRelated:
         return cls(cosine=[], cosine_across=[], jaccard=[], pearson=[], match=[])
+
+
+class MatchedPair(_Out):
+    a: int
+    b: int
+    value: float = Field(description="activation correlation over the same tokens")
+    url_a: str
+    url_b: str
+
+
+class CorrelationBin(_Out):
+    lo: float
+    hi: float
+    count: int
+
+
+class ComparePage(_Out):
+    ok: bool = True
+    model_a: str
+    source_a: str
+    model_b: str
+    source_b: str
+    n_features_a: int
+    n_features_b: int
+    threshold: float = Field(description="the correlation from which a one-to-one pair counts "
+                             "as a counterpart")
+    best_match: list[CorrelationBin] = Field(description="histogram of the best-match "
+                                             "correlation of each feature of A in B, over [-1, 1]")
+    pairs: list[MatchedPair] = Field(description="the one-to-one matching, highest first")
+    unmatched_a: list[int] = Field(description="features of A with no counterpart in B: no "
+                                   "one-to-one partner, or one correlated below the threshold")
+    unmatched_b: list[int] = Field(description="features of B with no counterpart in A")
+    page: str
+    json_url: str
+    source_a_url: str
+    source_b_url: str

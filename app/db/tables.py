@@ -279,6 +279,11 @@ class RelationKind(enum.StrEnum):
     match = "match"
 
 
+MATCH_BEST, MATCH_ONE_TO_ONE = 0, 1
+"""The ranks of a feature's `match` relations to one compared source: its best match by
+activation correlation, and its partner in the one-to-one matching of the two sources."""
+
+
 class Relation(Base):
     """One entry of a feature's list of related features: (source, feature) -> (other source,
     other feature) with a kind, a rank within its list (0 first) and a value. A list is keyed
