@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, keys, match
+from app.commands import embed, keys, match, transfer
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.register(sub)
     keys.register(sub)
     match.register(sub)
+    transfer.register(sub)
     return p
 
 
