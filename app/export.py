@@ -96,10 +96,11 @@ def _explanations(fp: FeaturePage) -> list[dict]:
 
 def feature_rows(fp: FeaturePage, created: str) -> tuple[dict, list[dict], list[dict]]:
     """One feature's Neuron row, its Activation rows (top, bottom, then the quantile groups with
-    their range as binMin and binMax) and its Explanation rows."""
+    their range as binMin and binMax; each group in rank order) and its Explanation rows."""
     acts = [_activation(fp, "top", ex) for ex in fp.top]
     acts += [_activation(fp, "bottom", ex) for ex in fp.bottom]
-    acts += [_activation(fp, g.name, ex, g.lo, g.hi) for g in fp.quantiles for ex in g.examples]
+    acts += [_activation(fp, g.name, ex, g.lo, g.hi) for g in fp.quantiles  # in stored order
+             for ex in sorted(g.examples, key=lambda e: e.rank)]
     return _feature(fp, created), acts, _explanations(fp)
 
 

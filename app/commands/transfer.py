@@ -1,9 +1,10 @@
 """`featurescope export`: one source in Neuronpedia's bulk layout or as parquet tables
-(app/export.py)."""
+(app/export.py); `featurescope import`: sources in Neuronpedia's layout (app/imports.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from app.config import Settings
@@ -27,6 +28,27 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from app.db.engine import make_engine, upgrade
+    from app.imports import ImportFormatError, import_dir
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder} is not a folder")
+    engine = make_engine(args.db or settings.db_url)
+    try:
+        upgrade(engine)
+        done = import_dir(engine, folder)
+    except (ImportFormatError, KeyError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: {folder} is not a Neuronpedia export this can read: "
+                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        engine.dispose()
+    for m in done:
+        print(f"imported {m.model}: {', '.join(m.sources)} ({m.n_features} features)")
+    return 0
+
+
 def register(sub) -> None:
     e = sub.add_parser("export", help="write a source in Neuronpedia's bulk layout or as "
                        "parquet tables")
@@ -38,3 +60,8 @@ def register(sub) -> None:
                    help="features per batch file (neuronpedia)")
     e.add_argument("--db", default=None)
     e.set_defaults(func=cmd_export)
+    i = sub.add_parser("import", help="read sources in Neuronpedia's bulk layout (from "
+                       "featurescope export or Neuronpedia's exports) into the database")
+    i.add_argument("folder", metavar="DIR")
+    i.add_argument("--db", default=None)
+    i.set_defaults(func=cmd_import)

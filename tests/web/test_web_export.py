@@ -79,7 +79,8 @@ def test_neuronpedia_layout_holds_every_feature(client, llama_db, tmp_path, caps
         assert row["topkCosSimIndices"] == [r.index for r in fp.related.cosine]
         assert row["correlated_features_pearson"] == [r.value for r in fp.related.pearson]
         examples = [("top", e, None) for e in fp.top] + [("bottom", e, None) for e in fp.bottom]
-        examples += [(g.name, e, g) for g in fp.quantiles for e in g.examples]
+        examples += [(g.name, e, g) for g in fp.quantiles
+                     for e in sorted(g.examples, key=lambda e: e.rank)]
         got = by_feature.get(str(i), [])
         assert len(got) == len(examples)
         for a, (group, ex, g) in zip(got, examples, strict=True):
