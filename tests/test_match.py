@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from support import brute_acts, random_sae
+from test_train import superposition
 
 from app.cli import main
 from app.config import Settings
@@ -20,10 +21,11 @@ from app.relation_schemas import ComparePage
 from app.schemas import FeaturePage
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, neuron_sources
-from workers.match import correlations, load_side, run_match
+from workers.match import CrossStats, correlations, load_side, one_to_one, run_match
 from workers.models import load_model
 from workers.runner import HarvestRunner, RunConfig
 from workers.sae import save_sae
+from workers.train import TrainConfig, Trainer
 
 HARVEST = HarvestConfig(top_k=3, n_ranges=2, per_range=2, window=8, shard_sequences=8,
                         compile=False)
@@ -146,3 +148,39 @@ def test_run_match_stores_both_directions_once(tmp_path, tiny_gpt2_dir):
     assert len([r for r in rows if r.rank == 1]) == 2 * len(pairs) - sum(
         1 for x, y in pairs if corr[x, y].isnan())
     engine.dispose()
+
+
+def test_two_saes_of_different_seeds_match_on_their_true_features():
+    """Two TopK SAEs trained from different seeds on the toy model of superposition: where both
+    learned a true direction, matching by activation correlation pairs those two features."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dictionary, sample = superposition()
+        saes = []
+        for seed in (1, 2):
+            cfg = TrainConfig(hook_name=HOOK, d_sae=128, architecture="topk", k=4,
+                              batch_tokens=1024, seed=seed)
+            trainer = Trainer(cfg, sample(4096), total_steps=600)
+            for _ in range(600):
+                trainer.step(sample(1024))
+            saes.append(trainer.finish())
+        stats = CrossStats(128, 128)
+        for _ in range(4):
+            x = sample(4096)
+            stats.update(saes[0].encode(x), saes[1].encode(x))
+        corr = stats.corr()
+        pairs = dict(one_to_one(corr))
+        best = corr.nan_to_num(nan=-2).argmax(dim=1)
+    finally:
+        torch.set_num_threads(n)
+    owners = []
+    for sae in saes:  # per true direction, the feature whose decoder row is it (cosine > 0.9)
+        w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        cos, feat = (dictionary @ w.T).max(dim=1)
+        owners.append(torch.where(cos > 0.9, feat, -1))
+    both = [(a, b) for a, b in zip(*(o.tolist() for o in owners), strict=True)
+            if a >= 0 and b >= 0]
+    assert len(both) >= 0.8 * dictionary.shape[0]
+    assert sum(pairs.get(a) == b for a, b in both) >= 0.9 * len(both)
+    assert sum(best[a].item() == b for a, b in both) >= 0.9 * len(both)
