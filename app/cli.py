@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, keys
+from app.commands import embed, keys, match, transfer
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -45,7 +45,8 @@ def _harvest(args: argparse.Namespace, settings: Settings) -> int:
         db_url=args.db or settings.db_url, model=args.model, dataset=args.dataset,
         layers=args.layers, saes=args.sae, max_tokens=args.max_tokens, seq_len=args.seq_len,
         harvest=HarvestConfig(top_k=args.top_k, shard_sequences=args.shard_sequences,
-                              window=args.window, compile=not args.no_compile, dtype=args.dtype),
+                              window=args.window, compile=not args.no_compile, dtype=args.dtype,
+                              relations=args.relations),
         batch_size=(None if args.batch_size == "auto"
                     else _positive_int(args.batch_size, "--batch-size")),
         device=args.device, cache_dir=settings.cache_dir, checkpoint_dir=settings.checkpoint_dir,
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-compile", action="store_true",
                    help="run the per-batch reductions in eager torch instead of fused (a C loop "
                    "on the CPU, torch.compile on a GPU)")
+    h.add_argument("--relations", action="store_true",
+                   help="also keep co-firing statistics, for each feature's Jaccard and Pearson "
+                   "lists of related features (a dense [F, F] product per batch)")
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
     h.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prepare)
     embed.register(sub)
     keys.register(sub)
+    match.register(sub)
+    transfer.register(sub)
     return p
 
 

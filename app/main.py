@@ -43,6 +43,7 @@ from app.routes import (
     neuronpedia_live,
     openapi,
     patch,
+    relations,
     search,
     sources,
     steer,
@@ -165,7 +166,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     # /{model}/... patterns.
     routers = [m.router for m in (docs, api, neuronpedia, neuronpedia_live, neuronpedia_lists,
                                   activations, search, explanations, tokens, steer, patch, ablate,
-                                  lists, trial, features, models, sources)]
+                                  lists, trial, relations, features, models, sources)]
     for router in [methods.refusals(routers), *routers]:
         app.include_router(router)
     return app

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.explanation_schemas import ExplanationOut, ScorerJudgement
+from app.relation_schemas import FeatureRelated
 from app.schema_types import In, UtcTime
 
 
@@ -207,6 +208,7 @@ class FeaturePage(Out):
     bottom: list[ExampleOut]
     quantiles: list[QuantileGroup] = Field(description="examples across the range, highest first")
     links: FeatureLinks
+    related: FeatureRelated
     explanations: list[ExplanationOut] = Field(description="best first: by the highest score "
                                                "of a scorer not marked uninformative")
     scorers: list[ScorerJudgement] = Field(description="whether each scorer of these "

@@ -52,6 +52,11 @@ def source(model: str, source: str, *, sort: str | None = None, order: str | Non
         "limit": None if limit == PAGE_SIZE else limit, "q": q or None, "next": next})
 
 
+def compare(model_a: str, source_a: str, model_b: str, source_b: str) -> str:
+    """The comparison of two matched sources (`featurescope match`)."""
+    return f"/compare/{_seg(model_a)}/{_seg(source_a)}/{_seg(model_b)}/{_seg(source_b)}"
+
+
 def feature(model: str, source: str, index: int) -> str:
     return f"/{_seg(model)}/{_seg(source)}/{int(index)}"
 

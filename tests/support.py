@@ -6,6 +6,7 @@ two conftest modules live in this tree.)"""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import random
 import socket
@@ -232,6 +233,51 @@ def random_sae(arch: str, d_in: int = 16, d_sae: int = 40, *, hook: str = HOOK, 
         if sae.threshold is not None:
             sae.threshold.abs_()
     return sae.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- related features
+
+
+def brute_acts(lm, tokens, spec):
+    """Every counted token's activations [N, F] in float64, from one plain forward pass."""
+    out = {}
+    lm.run_with_hooks(tokens, [spec.hook_name], lambda n, a: out.__setitem__(n, a.clone()))
+    acts = out[spec.hook_name]
+    if spec.encode is not None:
+        acts = spec.encode(acts)
+    return acts[:, 1:, :].reshape(-1, spec.n_features).double()
+
+
+def brute_lists(values, *, positive: bool = False, self_too: bool = False, k: int = 10
+                ) -> list[list[tuple[int, float]]]:
+    """Per row i, the k best j (j != i unless self_too) with a finite value (> 0 where
+    positive), by (value desc, j asc): plain Python over every pair."""
+    out = []
+    for i, row in enumerate(values.tolist()):
+        cands = [(-v, j) for j, v in enumerate(row)
+                 if (j != i or self_too) and math.isfinite(v) and (v > 0 or not positive)]
+        out.append([(j, -v) for v, j in sorted(cands)[:k]])
+    return out
+
+
+def brute_cofiring(x):
+    """From activations [N, F] (float64): co-activation counts, Jaccard and Pearson [F, F]."""
+    import torch
+
+    a = (x > 0).double()
+    co = a.T @ a
+    n = co.diagonal()
+    return co, co / (n[:, None] + n[None, :] - co), torch.corrcoef(x.T)
+
+
+def assert_lists_close(got, want, values, rel=1e-6):
+    """Lists of (j, value) per row against brute_lists: same lengths; at each rank the same value, and the listed feature has that value (ties
+    within float rounding may list either of two features)."""
+    assert [len(g) for g in got] == [len(w) for w in want]
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        for (j, v), (_, wv) in zip(g, w, strict=True):
+            assert v == pytest.approx(wv, rel=rel, abs=1e-9)
+            assert values[i, j].item() == pytest.approx(v, rel=rel, abs=1e-9)
 
 
 class LiveWorld:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from workers.relations import CoFiring
 from workers.state import (
     EMPTY_SEQ,
     Ranked,
@@ -53,6 +54,7 @@ class Accumulator:
         reduce_fn: ReduceFn = batch_reduce,
         sync_free: bool = False,
         native: bool = False,
+        cofire: bool = False,
     ):
         self.n_features = n_features
         self.window = window
@@ -64,6 +66,7 @@ class Accumulator:
             bottom=Ranked.empty(top_k, n_features, device) if bottom else None,
             sample=Ranked.empty(sample_size, n_features, device),
             stats=Stats.empty(n_features, device),
+            cofire=CoFiring.empty(n_features, device) if cofire else None,
         )
         self.sync_free = sync_free
         self.native = native and not sync_free and torch.device(device).type == "cpu"
@@ -91,6 +94,8 @@ class Accumulator:
         st.min = torch.minimum(st.min, mn.min(0).values)
         st.hist += hist
         self.state.n_sequences += b
+        if self.state.cofire is not None:
+            self.state.cofire.update(acts, self.first)
 
         seq = torch.arange(seq0, seq0 + b, device=acts.device)[:, None].expand(b, f)
         neg_inf = float("-inf")

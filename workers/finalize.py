@@ -14,6 +14,7 @@ import torch
 from app.db.tables import ExampleGroup, example_record
 from workers.accumulate import window_start
 from workers.harvest import HarvestConfig, SourceSpec
+from workers.relations import cofiring_rows, direction_rows
 from workers.state import Ranked, SourceState
 from workers.store import SourceResult
 
@@ -170,10 +171,21 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
             for code, ranking, rows in groups]))
     return SourceResult(
         slug=spec.slug, n_tokens=dataset.n_tokens, features=feats, peaks=peaks, blocks=blocks,
-        identity=[lm.source, dataset.slug, spec.slug, spec.hook_name, cfg.to_dict()])
+        identity=[lm.source, dataset.slug, spec.slug, spec.hook_name, cfg.to_dict()],
+        relations=[] if st.cofire is None else cofiring_rows(spec.slug, st.cofire))
+
+
+def add_direction_relations(specs: list[SourceSpec], results: list[SourceResult]) -> None:
+    """Append every source's cosine lists (within it, and across the harvest's other sources
+    of the same width) to its result."""
+    rows = direction_rows({s.slug: s.directions() for s in specs})
+    for res in results:
+        res.relations += rows[res.slug]
 
 
 def finalize(lm, dataset, specs: list[SourceSpec], states: dict[str, SourceState],
              cfg: HarvestConfig) -> list[SourceResult]:
-    """finalize_source for every source, in the order of specs."""
-    return [finalize_source(s, states[s.slug], lm=lm, dataset=dataset, cfg=cfg) for s in specs]
+    """finalize_source for every source, in the order of specs, with the cosine lists."""
+    results = [finalize_source(s, states[s.slug], lm=lm, dataset=dataset, cfg=cfg) for s in specs]
+    add_direction_relations(specs, results)
+    return results

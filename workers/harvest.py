@@ -54,6 +54,9 @@ class HarvestConfig:
     sync_free: bool | None = None
     """Keep the batch loop free of host synchronisations (cut every candidate's window and
     re-sort whole rankings on the device). None: on CUDA devices only."""
+    relations: bool = False
+    """Keep co-firing statistics for the Jaccard and Pearson lists of related features
+    (workers/relations.py): dense [F, F] products per batch."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -232,7 +235,7 @@ class Harvester:
                 s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
                 window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
                 device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free,
-                native=self.native)
+                native=self.native, cofire=self.cfg.relations)
             for s in self.sources
         }
         by_hook: dict[str, list[SourceSpec]] = {}

@@ -208,7 +208,7 @@ class HarvestRunner:
 
         from workers import store
         from workers.corpus import load_dataset
-        from workers.finalize import finalize_source
+        from workers.finalize import add_direction_relations, finalize_source
         from workers.harvest import auto_batch_size
 
         cfg = self.cfg
@@ -228,6 +228,7 @@ class HarvestRunner:
                 results = [finalize_source(s, states.pop(s.slug), lm=lm, dataset=dataset,
                                            cfg=plan.cfg)  # each state let go once finalized
                            for s in specs]
+                add_direction_relations(specs, results)
             t0 = time.monotonic()
             store.write(engine, reg, results)
             log.info("written in %.1f s", time.monotonic() - t0)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from app.histogram import HIST_BASE, HIST_BINS, HIST_SHIFT
+from workers.relations import CoFiring
 
 EMPTY_SEQ = torch.iinfo(torch.int64).max
 
@@ -200,6 +201,8 @@ class SourceState:
     stats: Stats
     n_sequences: int = 0
     shards: frozenset[int] = field(default_factory=frozenset)
+    cofire: CoFiring | None = None
+    """Co-firing statistics (workers/relations.py), where the harvest keeps them."""
 
     def rankings(self) -> dict[str, Ranked]:
         out = {"top": self.top, "sample": self.sample}
@@ -218,6 +221,7 @@ class SourceState:
             stats=self.stats.merge(other.stats),
             n_sequences=self.n_sequences + other.n_sequences,
             shards=self.shards | other.shards,
+            cofire=None if self.cofire is None else self.cofire.merge(other.cofire),
         )
 
     def to(self, device: torch.device | str) -> SourceState:
@@ -233,4 +237,5 @@ class SourceState:
             stats=Stats(st.n_tokens, *(t.to(device) for t in (
                 st.n_active, st.sum, st.sumsq, st.max, st.min, st.hist))),
             n_sequences=self.n_sequences, shards=self.shards,
+            cofire=None if self.cofire is None else self.cofire.to(device),
         )

@@ -26,6 +26,7 @@ from app.db.tables import (
     Feature,
     Model,
     PeakToken,
+    Relation,
     Sequence,
     Source,
     SourceStatus,
@@ -147,6 +148,8 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
                    "frac_active", "n_active", "n_tokens", "histogram", "top_logits",
                    "bottom_logits", "top_tokens")
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
+RELATION_COLUMNS = ("source_id", "feature_idx", "kind", "rank", "other_source_id", "other_idx",
+                    "value")
 
 
 @dataclass
@@ -168,12 +171,19 @@ class SourceResult:
     identity: list = field(default_factory=list)
     """What the source was made from (model, dataset, slug, hook, harvest config): with the
     time it is written, its version hash."""
+    relations: list[tuple] = field(default_factory=list)
+    """Its lists of related features (workers/relations.py): (feature index, kind, rank, other
+    source's slug, other feature index, value), the other source one of the same harvest."""
 
 
 def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
     """Write the features and examples of every source and mark them ready, in one transaction
     (replacing what an earlier harvest of the same source left)."""
     with transaction(engine) as session:
+        sids = [reg.source_ids[res.slug] for res in results]
+        # Lists of and lists pointing at a source written again go; all before any is written.
+        session.execute(delete(Relation).where(
+            Relation.source_id.in_(sids) | Relation.other_source_id.in_(sids)))
         for res in results:
             sid = reg.source_ids[res.slug]
             session.execute(delete(ExampleBlock).where(ExampleBlock.source_id == sid))
@@ -183,6 +193,9 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
                         ((sid, *row) for row in res.features))
             bulk_insert(session, PeakToken.__table__, PEAK_COLUMNS,
                         ((sid, *row) for row in res.peaks))
+            bulk_insert(session, Relation.__table__, RELATION_COLUMNS,
+                        ((sid, f, kind, rank, reg.source_ids[other], j, v)
+                         for f, kind, rank, other, j, v in res.relations))
             for cols in res.blocks:
                 copy_columns(session, ExampleBlock.__table__, BLOCK_COLUMNS,
                              [np.full(len(cols[0]), sid, dtype=np.int32), *cols])

@@ -268,6 +268,44 @@ class PeakToken(Base):
     count: Mapped[int] = mapped_column(SmallInteger)
 
 
+class RelationKind(enum.StrEnum):
+    """How two features are related: their output directions' cosine similarity, how often
+    they are active on the same tokens (Jaccard), how their activations correlate over all
+    tokens (Pearson), or the best match of one source's feature in another source (`match`)."""
+
+    cosine = "cosine"
+    jaccard = "jaccard"
+    pearson = "pearson"
+    match = "match"
+
+
+MATCH_BEST, MATCH_ONE_TO_ONE = 0, 1
+"""The ranks of a feature's `match` relations to one compared source: its best match by
+activation correlation, and its partner in the one-to-one matching of the two sources."""
+
+
+class Relation(Base):
+    """One entry of a feature's list of related features: (source, feature) -> (other source,
+    other feature) with a kind, a rank within its list (0 first) and a value. A list is keyed
+    by (source, feature, kind, whether the other source is the same one)."""
+
+    __tablename__ = "relations"
+    __table_args__ = (
+        Index("ix_relations_other", "other_source_id", "other_idx"),
+        {"sqlite_with_rowid": False},
+    )
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    other_source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    other_idx: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+
+
 class Explanation(Base):
     """A short text saying what a feature responds to, with who or what wrote it: the
     explainer (`tokens`, `local`, `openai`, `human`), its model and its prompt's version.

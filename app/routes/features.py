@@ -20,6 +20,8 @@ from app.db import queries
 from app.db.tables import BosPolicy, ExampleGroup
 from app.explanation_schemas import FeatureExplanations
 from app.histogram import histogram_edges
+from app.related import related_of
+from app.relation_schemas import FeatureRelated
 from app.routes.deps import FeatureIndex, ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.present import pct, progress
 from app.routes.render import etag, json_headers, not_modified, page, render, wants_json
@@ -112,18 +114,30 @@ def explained(session: Session, cache: explanations.ExplanationCache | None, src
                                    source_id=src.id, index=index, version=version)
 
 
+def related(session: Session, cache: explanations.ExplanationCache | None, src: Row,
+            index: int, version: int | None = None) -> FeatureRelated:
+    """The feature's lists of related features (a cache of its own when none is given)."""
+    if version is None:
+        version = explanation_db.version(session)
+    return related_of(session, cache or explanations.ExplanationCache(), source_id=src.id,
+                      index=index, version=version)
+
+
 def build_feature(session: Session, vocabs: queries.VocabCache, src: Row, index: int,
-                  explains: FeatureExplanations | None = None) -> FeaturePage:
+                  explains: FeatureExplanations | None = None,
+                  relations: FeatureRelated | None = None) -> FeaturePage:
     row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, example_out)
     if explains is None:
         explains = explained(session, None, src, index)
+    if relations is None:
+        relations = related(session, None, src, index)
     quantiles = [{"group": code - ExampleGroup.quantile, "name": ExampleGroup.name_of(code),
                   "lo": min(p for p, _ in exs), "hi": max(p for p, _ in exs),
                   "examples": [ex for _, ex in exs]} for code, exs in groups]
     # One validation of the whole context (pydantic-core builds the nested models).
     return FeaturePage.model_validate({
         **_head(src, index, row, vocab.many, float), "top": top, "bottom": bottom,
-        "quantiles": quantiles, "links": _links(src, index),
+        "quantiles": quantiles, "links": _links(src, index), "related": relations,
         "explanations": explains.explanations, "scorers": explains.scorers})
 
 
@@ -162,7 +176,7 @@ def _example_json(row: Row, vocab: queries.Vocab) -> bytes:
 
 
 def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: int,
-                 explains: FeatureExplanations) -> bytes:
+                 explains: FeatureExplanations, relations: FeatureRelated) -> bytes:
     """The JSON of a feature page (a FeaturePage), as UTF-8 bytes."""
     row, vocab, top, bottom, groups = _read_feature(session, vocabs, src, index, _example_json)
     quantiles = [b'{"group":%d,"name":%b,"lo":%b,"hi":%b,"examples":[%b]}' % (
@@ -172,7 +186,8 @@ def feature_json(session: Session, vocabs: queries.VocabCache, src: Row, index: 
     head = _dumps(_head(src, index, row, vocab.many, _finite))
     return b"".join((head[:-1], b',"top":[', b",".join(top), b'],"bottom":[', b",".join(bottom),
                      b'],"quantiles":[', b",".join(quantiles), b'],"links":',
-                     _dumps(_links(src, index)), b",", explains.model_dump_json()[1:].encode()))
+                     _dumps(_links(src, index)), b',"related":', relations.model_dump_json().encode(),
+                     b",", explains.model_dump_json()[1:].encode()))
 
 
 def _token_values(pairs: list, texts, value=float) -> list[dict]:
@@ -200,9 +215,11 @@ def _feature(request: Request, session: Session, model: str, source: str, index:
         src.version_hash if src.status == "ready" else None, version))
     if (cached := not_modified(request, tag)) is not None:
         return cached
-    explains = explained(session, request.app.state.explanations, src, index, version)
+    cache = request.app.state.explanations
+    explains = explained(session, cache, src, index, version)
+    relations = related(session, cache, src, index, version)
     if wants_json(request):
-        body = feature_json(session, request.app.state.vocabs, src, index, explains)
+        body = feature_json(session, request.app.state.vocabs, src, index, explains, relations)
         return Response(body, media_type="application/json", headers=json_headers(tag))
-    ctx = build_feature(session, request.app.state.vocabs, src, index, explains)
+    ctx = build_feature(session, request.app.state.vocabs, src, index, explains, relations)
     return render(request, ctx, template="feature.html", partial="_feature.html", tag=tag)

@@ -81,7 +81,7 @@ def _harvest(model_dir, corpus: str, max_tokens: int, layers, extra=(), building
     from workers.models import load_model
 
     cfg = HarvestConfig(top_k=6, n_ranges=3, per_range=3, window=16, batch_size=8,
-                        shard_sequences=64)
+                        shard_sequences=64, relations=True)
     lm = load_model(str(model_dir))
     ds = load_dataset(corpus, lm.tokenizer, seq_len=SEQ_LEN, max_tokens=max_tokens)
     specs = neuron_sources(lm, list(layers)) + [f(lm) for f in extra]
