@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
@@ -19,9 +18,6 @@ from sqlalchemy import select
 from support import (
     LOOPBACK,
     LiveWorld,
-    disposing_engines,
-    fresh_pg_url,
-    needs_postgres,
     openapi_failures,
     serve_in_thread,
 )
@@ -36,18 +32,10 @@ from workers.inference import ServedModel, ServedModels
 MAX_TOKENS = 48
 
 
-@pytest.fixture(scope="module",
-                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[LiveWorld]:
+@pytest.fixture(scope="module")
+def world(live_world) -> LiveWorld:
     """The world in a SQLite file, and in a fresh PostgreSQL database."""
-    tmp = tmp_path_factory.mktemp("live")
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp / 'live.db'}"
-    else:
-        needs_postgres()
-        url = fresh_pg_url("fs_test_live")
-    with disposing_engines(url):
-        yield LiveWorld(tiny_llama_dir, tmp, url)
+    return live_world
 
 
 @pytest.fixture(scope="module")
