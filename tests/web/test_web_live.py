@@ -224,7 +224,8 @@ def test_the_live_answers_keep_to_the_openapi_description(world, live, live_key)
 
 
 def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, live_key):
-    """16 clients post to the model while it is busy, beside readers of feature pages, over a
+    """16 clients post to the model while it is busy (activations, Neuronpedia's activation/new
+    and search-topk-by-token, ablation, steering), beside readers of feature pages, over a
     pool of 2 connections that gives up after 1 s: the live requests get 200, 429 or 503
     (never a 5xx from an exhausted pool), and the pages keep answering."""
     from sqlalchemy.orm import Session
@@ -249,10 +250,21 @@ def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, 
         assert started.wait(10)
 
         def poster(i: int) -> None:
-            req = {"model": world.lm.slug, "source": "0-mlp", "index": i, "text": f"x = {i}"}
-            for _ in range(4):
-                r = c.post("/api/v1/activations", json=req,
-                           headers={"x-api-key": keys[i % 2]})
+            m, text = world.lm.slug, f"x = {i}"
+            mix = [("/api/v1/activations", {"model": m, "source": "0-mlp", "index": i,
+                                            "text": text}),
+                   ("/api/activation/new", {"feature": {"modelId": m, "source": "0-mlp",
+                                                        "index": str(i)}, "customText": text}),
+                   ("/api/v1/ablate", {"model": m, "text": text,
+                                       "features": [{"source": "0-mlp", "index": i}]}),
+                   ("/api/v1/steer", {"model": m, "prompt": text, "n_tokens": 2,
+                                      "features": [{"source": "0-mlp", "index": i,
+                                                    "strength": 2}]}),
+                   ("/api/search-topk-by-token", {"modelId": m, "source": "0-mlp",
+                                                  "text": text})]
+            for j in range(4):
+                path, body = mix[(i + j) % len(mix)]
+                r = c.post(path, json=body, headers={"x-api-key": keys[i % 2]})
                 live_codes.append(r.status_code)
 
         def reader(i: int) -> None:
