@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.commands import embed, keys, match, transfer
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
@@ -37,15 +40,32 @@ def cmd_harvest(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit(f"error: {exc}") from None
 
 
+def _window(args: argparse.Namespace, default: int) -> int:
+    """--window, or the default where it fits in a sequence; a window longer than a sequence
+    is refused."""
+    if args.window is None:
+        return min(default, args.seq_len)
+    if not 1 <= args.window <= args.seq_len:
+        raise ValueError(f"--window {args.window} does not fit in a sequence of "
+                         f"--seq-len {args.seq_len} tokens: give 1 to {args.seq_len}, or a "
+                         "longer --seq-len")
+    return args.window
+
+
 def _harvest(args: argparse.Namespace, settings: Settings) -> int:
     from workers.harvest import HarvestConfig
     from workers.runner import HarvestRunner, RunConfig
 
+    window = _window(args, HarvestConfig.window)
+    if args.quiet:  # the model's loading bar too
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     cfg = RunConfig(
         db_url=args.db or settings.db_url, model=args.model, dataset=args.dataset,
         layers=args.layers, saes=args.sae, max_tokens=args.max_tokens, seq_len=args.seq_len,
         harvest=HarvestConfig(top_k=args.top_k, shard_sequences=args.shard_sequences,
-                              window=args.window, compile=not args.no_compile, dtype=args.dtype,
+                              window=window, compile=not args.no_compile, dtype=args.dtype,
                               relations=args.relations),
         batch_size=(None if args.batch_size == "auto"
                     else _positive_int(args.batch_size, "--batch-size")),
@@ -66,14 +86,22 @@ def _harvest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from app.db.engine import check_url
     from app.main import serve
+
+    if args.db is not None:
+        check_url(args.db)
 
     return serve(settings.with_options(host=args.host, port=args.port, database_url=args.db,
                                        live=True if args.live else None))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from app.db.engine import check_url
     from workers.demo import DemoConfig, run_demo
+
+    if args.db is not None:
+        check_url(args.db)
 
     cfg = DemoConfig(model=args.model, dataset=args.dataset, max_tokens=args.max_tokens,
                      seq_len=args.seq_len, first_layers=args.first_layers,
@@ -129,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")
     h.add_argument("--seq-len", type=int, default=128)
     h.add_argument("--top-k", type=int, default=20)
-    h.add_argument("--window", type=int, default=64, help="tokens stored around each example")
+    h.add_argument("--window", type=int, default=None,
+                   help="tokens stored around each example (default: 64, at most --seq-len)")
     h.add_argument("--batch-size", default="auto",
                    help="sequences per batch; auto: 8 on a CPU, from free memory on a GPU")
     h.add_argument("--shard-sequences", type=int, default=256,
@@ -232,9 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # FEATURESCOPE_* settings that do not fit
+        print("error: " + "; ".join(e["msg"].removeprefix("Value error, ")
+                                    for e in exc.errors()), file=sys.stderr)
+        return 2
     try:
         return args.func(args, settings) or 0
+    except SQLAlchemyError as exc:
+        if args.verbose:
+            raise
+        from app.db.engine import database_problem
+
+        url = getattr(args, "db", None) or settings.db_url
+        print(f"error: {database_problem(url, exc)}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, OSError) as exc:
         if args.verbose:
             raise

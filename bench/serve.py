@@ -191,16 +191,18 @@ def load(port: int, pick, seconds: float, connections: int, pid: int) -> dict:
 
 
 @contextmanager
-def serving(url: str):
-    """`featurescope serve --db URL` in a subprocess on a free port, once it answers: yields
-    (port, pid, log), the log being its stderr (a file); stopped at the end of the block."""
+def serving(url: str, *extra: str, env: dict[str, str] | None = None):
+    """`featurescope serve --db URL [extra...]` in a subprocess on a free port (with `env` added
+    to its environment), once it answers: yields (port, pid, log), the log being its stderr (a
+    file); stopped at the end of the block."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--db", url, "--port",
-                               str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               str(port), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                               **(env or {})})
     try:
         try:
             wait_until_up(port, server)

@@ -199,6 +199,54 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     engine.dispose()
 
 
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """The exit status and stderr that the `featurescope` process ends with."""
+    try:
+        code = main(args)
+    except SystemExit as exc:  # as the interpreter exits on it: a message is printed, status 1
+        code, err = (1, exc.code + "\n") if isinstance(exc.code, str) else (exc.code, "")
+        return code, err + capsys.readouterr().err
+    return code, capsys.readouterr().err
+
+
+def harvest_args(model_dir: Path, tmp_path: Path) -> list[str]:
+    return ["harvest", "--model", str(model_dir), "--dataset", "pydoc", "--max-tokens", "256",
+            "--seq-len", "32", "--no-compile", "-q", "--db", f"sqlite:///{tmp_path / 'fs.db'}"]
+
+
+def _sae_dir(tmp_path: Path, spoil) -> str:
+    """A TopK SAE on the tiny GPT-2's residual stream, saved, then spoiled by `spoil(weights)`."""
+    from support import random_sae
+
+    from workers.sae import WEIGHTS_FILE, save_sae
+
+    out = save_sae(random_sae("topk", d_in=64, d_sae=32, hook="blocks.0.hook_resid_post"),
+                   tmp_path / "sae")
+    spoil(out / WEIGHTS_FILE)
+    return str(out)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _nan(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["W_enc"][3, 5] = float("nan")
+    save_file(tensors, path)
+
+
+def _offline(monkeypatch) -> None:
+    """No network to the hub, as on a machine offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.mark.parametrize("extra, status, message", [
     (["--model", "/no/such/model"], 2, "no model at"),
     (["--dataset", "no-such-corpus"], 2, "unknown dataset"),
@@ -206,22 +254,76 @@ def live_answers_equal_stored_examples(db: Path, tmp_path: Path, lm, tokens) -> 
     (["--layers", "7"], 1, "layers 0..1"),
     (["--layers", "none"], 1, "nothing to harvest"),
     (["--layers", "0;1"], 1, "--layers expects"),
+    (["--window", "1000"], 2, "--window 1000 does not fit in a sequence of --seq-len 32"),
+    (["--window", "0"], 2, "give 1 to 32"),
+    (["--device", "cuda"], 2, "no CUDA GPU is usable here"),
+    (["--device", "tpu9"], 2, "unknown device 'tpu9'"),
+    (["--model", "gpt-7"], 2, "unknown model 'gpt-7': not the built-in"),
+    (["--model", "nosuchorg/nosuchmodel"], 2, "huggingface.co is not reachable from here"),
+    (["--layers", "none", "--sae", _truncate], 2, "not a readable safetensors file"),
+    (["--layers", "none", "--sae", _nan], 2, "NaN or infinite values (W_enc: 1)"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, extra,
                                       status, message):
-    """The exit status and the message on stderr that the `featurescope` process ends with."""
+    """One line on stderr, the exit status, and nothing written to the database."""
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
     monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
-    args = ["harvest", "--model", str(tiny_gpt2_dir), "--dataset", "pydoc", "--max-tokens",
-            "256", "--seq-len", "32", "--no-compile", "-q", *extra]
-    try:
-        code = main(args)
-    except SystemExit as exc:  # as the interpreter exits on it: a message is printed, status 1
-        code, err = (1, exc.code) if isinstance(exc.code, str) else (exc.code, "")
-        err += capsys.readouterr().err
-    else:
-        err = capsys.readouterr().err
-    assert code == status
-    assert message in err
+    _offline(monkeypatch)
+    extra = [_sae_dir(tmp_path, x) if callable(x) else x for x in extra]
+    code, err = run_cli(harvest_args(tiny_gpt2_dir, tmp_path) + extra, capsys)
+    assert (code, err.count("\n"), err.startswith("error: ")) == (status, 1, True), err
+    assert message in err and "Traceback" not in err and "huggingface.co/docs" not in err
+    db = tmp_path / "fs.db"
+    if db.exists():
+        with create_engine(f"sqlite:///{db}").connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM sources")).scalar() == 0
+
+
+def _pg_without_the_database() -> str:
+    from support import PG_URL, needs_postgres
+
+    needs_postgres()
+    return PG_URL.rsplit("/", 1)[0] + "/fs_test_no_such_database"
+
+
+BAD_DATABASES = [
+    ("not a url at all", "'not a url at all' is not a database URL: give sqlite:///"),
+    ("foo://bar/baz", "keeps its data in SQLite or PostgreSQL, not 'foo'"),
+    (lambda tmp: f"sqlite:///{tmp}", "is a folder, not a SQLite file: name a file in it"),
+    (lambda tmp: "sqlite:////proc/featurescope.db",
+     "cannot open or write the SQLite database /proc/featurescope.db"),
+    (lambda tmp: (tmp / "notes.db").write_text("not a database\n" * 100) and
+     f"sqlite:///{tmp / 'notes.db'}", "notes.db is not a SQLite database"),
+    ("postgresql://postgres@127.0.0.1:1/featurescope",
+     'cannot use the database postgresql+psycopg://postgres@127.0.0.1:1/featurescope: '
+     'connection to server at "127.0.0.1", port 1 failed: Connection refused'),
+    pytest.param(lambda tmp: _pg_without_the_database(),
+                 'database "fs_test_no_such_database" does not exist (create it: createdb',
+                 marks=pytest.mark.postgres),
+]
+
+
+@pytest.mark.parametrize("command", ["harvest", "serve", "migrate"])
+@pytest.mark.parametrize("db, message", BAD_DATABASES)
+def test_a_database_that_cannot_be_used_gets_a_clear_error(tmp_path, monkeypatch, capsys,
+                                                           tiny_gpt2_dir, command, db, message):
+    import uvicorn
+
+    monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("it served"))
+    url = db(tmp_path) if callable(db) else db
+    args = (harvest_args(tiny_gpt2_dir, tmp_path)[:-2] if command == "harvest" else [command])
+    code, err = run_cli([*args, "--db", url], capsys)
+    assert (code, err.count("\n"), err.startswith("error: ")) == (2, 1, True), err
+    assert message in err and "Traceback" not in err and "sqlalche.me" not in err
+
+
+def test_a_bad_setting_in_the_environment_gets_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("FEATURESCOPE_DATABASE_URL", "mysql://x@y/z")
+    code, err = run_cli(["migrate"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "FEATURESCOPE_DATABASE_URL must be sqlite or postgresql" in err
 
 
 def test_bfloat16_harvest_records_its_dtype_and_live_runs_in_it(tmp_path, monkeypatch,

@@ -96,3 +96,13 @@ def test_the_api_is_published_on_loopback_and_keeps_keys_required(compose):
     assert "FEATURESCOPE_OPEN_SCOPES" not in text and "FEATURESCOPE_LOOPBACK_OPEN" not in text
     args = build_parser().parse_args(api["command"][1:])
     assert args.host == "0.0.0.0"  # inside the container: not loopback, so keys are needed
+
+
+def test_every_published_port_is_on_loopback(compose):
+    """Ray's dashboard has a job API that runs code, and the API runs the model: no service
+    publishes a port beyond this host's loopback, unless FEATURESCOPE_BIND says so for the API."""
+    published = {name: svc.get("ports", []) for name, svc in compose["services"].items()}
+    assert published["ray-head"] == ["127.0.0.1:8265:8265"]
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith(("127.0.0.1:", "${FEATURESCOPE_BIND:-127.0.0.1}:")), (name, port)

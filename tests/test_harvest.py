@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from support import assert_states_equal
@@ -182,6 +185,28 @@ def test_interrupted_run_resumes_to_the_same_result(setup, tmp_path):
     resumed = run_harvest(h, ckpt, after_shard=ran.append)
     assert ran == list(range(2, h.n_shards))
     assert_states_equal(resumed, whole)
+
+
+class _RunsCode:
+    """A pickle that would run code when loaded: it writes its marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, caplog):
+    """What a checkpoint holds is read back as tensors and plain values only; a pickle of
+    anything else is not run, and the run starts afresh."""
+    ckpt = Checkpoint(tmp_path, "evil")
+    ckpt.dir.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    torch.save({"0-mlp": _RunsCode(marker)}, ckpt.path)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.load() is None
+    assert not marker.exists() and "starting afresh" in caplog.text
 
 
 def test_config_is_validated():

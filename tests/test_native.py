@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import stat
+
 import pytest
 import torch
 from support import needs_c_compiler
@@ -156,3 +161,39 @@ def test_the_c_source_ships_in_the_wheel_and_builds_from_the_installed_package(t
                          text=True, timeout=300).stdout.split()
     assert out == [str(tmp_path / "site" / "workers" / "native.py"), "True"]
     assert len(list((tmp_path / "cache").glob("reduce-*.so"))) == 1
+
+
+# ---------------------------------------------------------------- the cache folder
+
+
+def test_the_cache_folder_is_made_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATURESCOPE_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.load() is not None
+    folder = tmp_path / "native"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert [p.suffix for p in folder.iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda p: p.mkdir(mode=0o777) or p.chmod(0o777), "may be written by others (mode 777)"),
+    (lambda p: p.mkdir() or p.chmod(0o770), "may be written by others (mode 770)"),
+    (lambda p: p.symlink_to(p.parent), "is not a folder"),
+    (lambda p: p.mkdir(mode=0o700) or os.chown(p, os.getuid() + 1, -1)
+     if os.getuid() == 0 else pytest.skip("chown needs root"), "belongs to uid"),
+])
+def test_a_cache_folder_others_can_write_to_is_refused(tmp_path, monkeypatch, caplog, spoil,
+                                                       message):
+    """The library is then neither built nor loaded there: the harvest reduces with torch."""
+    folder = tmp_path / "native"
+    spoil(folder)
+    monkeypatch.setenv("FEATURESCOPE_NATIVE_CACHE", str(folder))
+    with pytest.raises(native.UnsafeCacheDir, match=re.escape(message)):
+        native._cache_dir()
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.load() is None
+    assert message in caplog.text and "using torch" in caplog.text
+    assert not list(folder.glob("*.so"))

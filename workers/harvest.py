@@ -12,15 +12,16 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from workers.accumulate import Accumulator
-from workers.state import SourceState, batch_reduce
+from workers.state import Ranked, SourceState, Stats, batch_reduce
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,24 @@ def merge_states(a: dict[str, SourceState] | None, b: dict[str, SourceState]
     return {slug: a[slug].merge(b[slug]) for slug in a}
 
 
+def _plain(state: SourceState) -> dict:
+    """A state as tensors, numbers, lists and dicts only (what torch.load's weights_only reads)."""
+    def ranked(r: Ranked | None) -> dict | None:
+        return None if r is None else {f.name: getattr(r, f.name) for f in fields(Ranked)}
+
+    return {"top": ranked(state.top), "bottom": ranked(state.bottom),
+            "sample": ranked(state.sample),
+            "stats": {f.name: getattr(state.stats, f.name) for f in fields(Stats)},
+            "n_sequences": state.n_sequences, "shards": sorted(state.shards)}
+
+
+def _from_plain(d: dict) -> SourceState:
+    return SourceState(
+        top=Ranked(**d["top"]), bottom=None if d["bottom"] is None else Ranked(**d["bottom"]),
+        sample=Ranked(**d["sample"]), stats=Stats(**d["stats"]), n_sequences=d["n_sequences"],
+        shards=frozenset(d["shards"]))
+
+
 class Checkpoint:
     """The merged state of the finished shards of one run, saved atomically after each shard."""
 
@@ -283,14 +302,23 @@ class Checkpoint:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def load(self) -> dict[str, SourceState] | None:
+        """The saved states; None without a checkpoint, or with one this version cannot read
+        (the run then starts afresh). Only tensors and plain values are read back
+        (`weights_only`): a checkpoint cannot run code."""
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            return {slug: _from_plain(d) for slug, d in saved.items()}
+        except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("the checkpoint %s is not one this version reads (%s); starting afresh",
+                        self.path, str(exc).splitlines()[0][:200] if str(exc) else exc)
+            return None
 
     def save(self, states: dict[str, SourceState]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({k: v.to("cpu") for k, v in states.items()}, tmp)
+        torch.save({k: _plain(v.to("cpu")) for k, v in states.items()}, tmp)
         os.replace(tmp, self.path)
 
     def clear(self) -> None:

@@ -359,10 +359,42 @@ def prepare_default_model(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as it is."""
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as it is, once torch
+    knows it and has it (a ValueError saying why not)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: give auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA GPU is usable here (this torch "
+                             f"{torch.__version__} sees none); give --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA "
+                             "GPUs, numbered from 0")
     return name
+
+
+_HUB_UNREACHABLE = (" (huggingface.co is not reachable from here: fetch it where it is, or "
+                    "give a local folder)")
+
+
+def _offline(exc: BaseException) -> bool:
+    """Whether loading failed because the hub could not be asked (offline mode, no network)."""
+    from huggingface_hub import constants
+
+    text = str(exc)
+    return constants.HF_HUB_OFFLINE or any(
+        s in text for s in ("couldn't connect", "offline mode", "Failed to resolve",
+                            "Max retries exceeded"))
+
+
+def _not_on_hub(exc: BaseException) -> bool:
+    """Whether a hub id is one the hub (or its local cache) does not have."""
+    text = str(exc)
+    return _offline(exc) or "not a valid model identifier" in text or "404" in text
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -403,8 +435,12 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     except UnsupportedArchitecture:
         raise
     except (OSError, ValueError) as exc:
-        hint = " (hub ids need network access to huggingface.co)" if where == source else ""
-        raise ModelLoadError(f"could not load model {spec!r}{hint}: {exc}") from exc
+        if where == source and _not_on_hub(exc):
+            raise ModelLoadError(
+                f"unknown model {spec!r}: not the built-in {DEFAULT_MODEL!r}, an existing folder "
+                f"or .gguf file, nor a hub id in the local Hugging Face cache"
+                f"{_HUB_UNREACHABLE if _offline(exc) else ' or on huggingface.co'}") from None
+        raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
     if isinstance(where, str):
         revision = getattr(hf.config, "_commit_hash", None) or revision
     log.info("loaded %s (%s) from %s", slug, arch, source)

@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -61,9 +62,34 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+class UnsafeCacheDir(OSError):
+    """The folder the library would be loaded from is not the user's alone."""
+
+
 def _cache_dir() -> Path:
+    """The folder the library is compiled into and loaded from (FEATURESCOPE_NATIVE_CACHE, else
+    one per user under the temporary folder): made private (0700) if it is missing, and refused
+    (UnsafeCacheDir) unless it is a real folder of this user's that no one else may write to,
+    since whoever can write there chooses the code that is loaded."""
     base = os.environ.get("FEATURESCOPE_NATIVE_CACHE")
-    return Path(base) if base else Path(tempfile.gettempdir()) / f"featurescope-native-{os.getuid()}"
+    path = Path(base) if base else Path(tempfile.gettempdir()) / f"featurescope-native-{os.getuid()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeCacheDir(f"{path} is not a folder (a link or a file is there): remove it, "
+                             "or set FEATURESCOPE_NATIVE_CACHE to a private folder")
+    if st.st_uid != os.getuid():
+        raise UnsafeCacheDir(f"{path} belongs to uid {st.st_uid}, not to you (uid "
+                             f"{os.getuid()}): set FEATURESCOPE_NATIVE_CACHE to a folder of yours")
+    if st.st_mode & 0o022:
+        raise UnsafeCacheDir(f"{path} may be written by others (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}): chmod 700 it, or set "
+                             "FEATURESCOPE_NATIVE_CACHE to a private folder")
+    return path
 
 
 def _command(cc: str, src: Path, out: Path) -> list[str]:
@@ -95,11 +121,14 @@ def load() -> ctypes.CDLL | None:
         text = source()
         # The library's name covers what goes into it: the source, defines, flags and compiler.
         key = json.dumps([text, DEFINES, FLAGS, cc, platform.machine()])
-        path = _cache_dir() / f"reduce-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         try:
+            path = _cache_dir() / f"reduce-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
             if not path.exists():
                 _build(cc, text, path)
             lib = ctypes.CDLL(str(path))
+        except UnsafeCacheDir as exc:
+            log.warning("the native reduction is not loaded: %s; using torch", exc)
+            return None
         except (OSError, subprocess.SubprocessError) as exc:
             err = getattr(exc, "stderr", "") or exc
             log.warning("the native reduction did not build (%s); using torch", str(err)[:300])

@@ -180,12 +180,12 @@ class HarvestRunner:
 
         cfg = self.cfg
         device = resolve_device(cfg.device)
-        lm = load_model(cfg.model, device=device, dtype=DTYPES[cfg.harvest.dtype],
-                        cache_dir=cfg.cache_dir)
-        layers = parse_layers(cfg.layers, lm.n_layers)
         engine = make_engine(cfg.db_url)
         try:
-            upgrade(engine)
+            upgrade(engine)  # a database that cannot be used is refused before the model loads
+            lm = load_model(cfg.model, device=device, dtype=DTYPES[cfg.harvest.dtype],
+                            cache_dir=cfg.cache_dir)
+            layers = parse_layers(cfg.layers, lm.n_layers)
             ready = store.ready_sources(engine, lm.slug) if cfg.skip_existing else set()
             plan = HarvestPlan(model=cfg.model, layers=layers, saes=cfg.saes, cfg=cfg.harvest,
                                device=device, cache_dir=None if cfg.cache_dir is None

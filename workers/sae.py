@@ -158,6 +158,12 @@ def _build(cfg: SAEConfig, tensors: dict[str, Tensor], where: str, device) -> SA
         if tuple(tensors[name].shape) != want[name]:
             raise SAEFormatError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected "
                                  f"{want[name]} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+    bad = {n: int((~torch.isfinite(tensors[n])).sum()) for n in cfg.tensor_names
+           if tensors[n].is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        raise SAEFormatError(f"{where}: the weights hold NaN or infinite values (" + ", ".join(
+            f"{n}: {k:,}" for n, k in bad.items()) + "); an SAE needs finite weights")
     dtype = tensors["W_enc"].dtype
     sae = SAE(cfg, device=device, dtype=dtype)
     with torch.no_grad():
@@ -199,9 +205,15 @@ def load_sae(spec: str | Path, *, device: str | torch.device = "cpu") -> SAE:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise SAEFormatError(f"{path}: missing {WEIGHTS_FILE} next to {CFG_FILE}")
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return _build(cfg, load_file(weights), str(weights), device)
+        try:
+            tensors = load_file(weights)
+        except (SafetensorError, OSError) as exc:
+            raise SAEFormatError(f"{weights}: not a readable safetensors file ({exc}); is it "
+                                 "truncated?") from None
+        return _build(cfg, tensors, str(weights), device)
     npz = path / "params.npz" if path.is_dir() else path
     if npz.is_file() and npz.suffix == ".npz":
         with np.load(npz) as data:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import normalize_db_url
@@ -15,8 +17,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine for a SQLite file (WAL, synchronous=NORMAL, busy timeout) or PostgreSQL."""
-    url = normalize_db_url(url)
+    """An engine for a SQLite file (WAL, synchronous=NORMAL, busy timeout) or PostgreSQL; a
+    ValueError for a URL that is neither."""
+    url = check_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -63,3 +66,46 @@ def transaction(engine: Engine) -> Iterator[Session]:
     """A session whose work commits at the end of the block, or rolls back on error."""
     with Session(engine, expire_on_commit=False) as session, session.begin():
         yield session
+
+
+EXAMPLE_URLS = "sqlite:///PATH/featurescope.db or postgresql+psycopg://USER@HOST/DATABASE"
+
+
+def check_url(url: str) -> str:
+    """`url` with PostgreSQL's usual spellings normalized, or a ValueError saying why it is not a
+    URL of a SQLite or PostgreSQL database."""
+    url = normalize_db_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"{url!r} is not a database URL: give {EXAMPLE_URLS}") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"{parsed.render_as_string(hide_password=True)}: featurescope keeps "
+                         f"its data in SQLite or PostgreSQL, not {parsed.get_backend_name()!r}: "
+                         f"give {EXAMPLE_URLS}")
+    return url
+
+
+def database_problem(url: str, exc: SQLAlchemyError) -> str:
+    """One line saying what is wrong with the database at `url`, from the error that using it
+    raised: a SQLite path that is a folder, not writable or not a SQLite file; a PostgreSQL
+    server that refuses, or lacks the database."""
+    try:
+        url = check_url(url)
+    except ValueError as bad:
+        return str(bad)
+    cause = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip().splitlines()
+    why = cause[0].removeprefix("connection failed: ").strip() if cause else type(exc).__name__
+    if url.startswith("sqlite"):
+        path = Path(url.split("///", 1)[-1])
+        if path.is_dir():
+            return f"the database {path} is a folder, not a SQLite file: name a file in it, " \
+                   f"e.g. sqlite:///{path / 'featurescope.db'}"
+        if "not a database" in why:
+            return f"{path} is not a SQLite database (a file of something else is there)"
+        return f"cannot open or write the SQLite database {path} ({why}): choose a writable " \
+               "location"
+    if "does not exist" in why:
+        name = make_url(url).database
+        why += f" (create it: createdb {name}, or CREATE DATABASE \"{name}\")"
+    return f"cannot use the database {make_url(url).render_as_string(hide_password=True)}: {why}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
@@ -23,16 +22,19 @@ from app.intervention_schemas import (
     EffectView,
     MovedToken,
 )
+from app.keys import Scope
 from app.routes import runs
+from app.routes.access import requires
 from app.routes.activations import ready_feature
 from app.routes.deps import (
     FeatureIndex,
     ModelSlug,
-    SessionDep,
     SourceSlug,
     invalid,
     load_source,
     model_queue,
+    read_db,
+    read_vocab,
 )
 from app.routes.errors import described, documented
 from app.routes.features import build_feature
@@ -82,19 +84,18 @@ def _num(x) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-async def run_ablation(request: Request, session: Session, body: AblateIn) -> AblateOut:
+async def run_ablation(request: Request, body: AblateIn) -> AblateOut:
     if (body.text is None) == (body.tokens is None):
         raise invalid("give exactly one of text or tokens")
     queue = model_queue(request)
-    row, feats = await run_in_threadpool(_resolve, session, body)
+    row, feats = await read_db(request, _resolve, body)
     if body.tokens is not None:
         queue.check_length(len(body.tokens))
         ids = list(body.tokens)
     else:
         ids = (await queue.tokenize(body.model, [body.text]))[0]
     (res,), hooks = await queue.call(_ablate_runs(body.model, [ids], feats, body.top))
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session, model_id=row.id,
-                                    tokenizer_hash=row.tokenizer_hash)
+    vocab = await read_vocab(request, row)
     delta = res.loss_ablated - res.loss_clean
     moved = [[] if i == 0 else [
         MovedToken(id=int(t), token=vocab.text(int(t)), clean=float(c), ablated=float(a),
@@ -113,9 +114,10 @@ async def run_ablation(request: Request, session: Session, body: AblateIn) -> Ab
 
 
 @router.post("/api/v1/ablate", response_model=AblateOut, responses=ERRORS,
-             summary="The next-token loss of a text with features ablated, and what moved")
-async def ablate_api(request: Request, body: AblateIn, session: SessionDep):
-    return runs.fresh_json(await run_ablation(request, session, body))
+             summary="The next-token loss of a text with features ablated, and what moved",
+             dependencies=[requires(Scope.live)])
+async def ablate_api(request: Request, body: AblateIn):
+    return runs.fresh_json(await run_ablation(request, body))
 
 
 def _effect_runs(session: Session, src: Row, index: int) -> list[tuple[str, list[int], int]]:
@@ -130,22 +132,20 @@ def _effect_runs(session: Session, src: Row, index: int) -> list[tuple[str, list
     return out
 
 
-async def _effect(request: Request, session: Session, src: Row, index: int, text: str,
-                  mode: str) -> EffectView:
+async def _effect(request: Request, src: Row, index: int, text: str, mode: str) -> EffectView:
     queue = model_queue(request)
     if mode not in ("zero", "mean"):
         raise invalid(f"mode must be zero or mean, got {mode!r}")
-    r = await run_in_threadpool(replacement, session, src, index, mode, None)
+    r = await read_db(request, replacement, src, index, mode, None)
     if text.strip():
         runs = [("your text", (await queue.tokenize(src.model_slug, [text]))[0], 0)]
     else:
-        runs = await run_in_threadpool(_effect_runs, session, src, index)
+        runs = await read_db(request, _effect_runs, src, index)
         if not runs:
             raise invalid("this feature has no top examples: give a text")
     results, _ = await queue.call(_ablate_runs(src.model_slug, [ids for _, ids, _ in runs],
                                                [(src.slug, index, r)], 0))
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session,
-                                    model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
+    vocab = await read_vocab(request, src)
     texts = []
     for (label, ids, first), res in zip(runs, results, strict=True):
         delta = res.loss_ablated - res.loss_clean
@@ -159,21 +159,26 @@ async def _effect(request: Request, session: Session, src: Row, index: int, text
     return EffectView(mode=mode, replacement=r, texts=texts, scale=scale)
 
 
-@router.post("/{model}/{source}/{index}/effect", include_in_schema=False)
-async def effect(request: Request, session: SessionDep, model: ModelSlug, source: SourceSlug,
-                 index: FeatureIndex):
+def _stored(session: Session, vocabs, model: str, source: str, index: int, whole: bool):
+    """The source row, and the feature page around the box (`whole`, else None)."""
+    src = load_source(session, model, source)
+    return src, build_feature(session, vocabs, src, index) if whole else None
+
+
+@router.post("/{model}/{source}/{index}/effect", include_in_schema=False,
+             dependencies=[requires(Scope.live)])
+async def effect(request: Request, model: ModelSlug, source: SourceSlug, index: FeatureIndex):
     """The feature page with the effect of ablating the feature (htmx: that part alone)."""
     form = await runs.posted_form(request)
     text, mode = form.get("text", ""), form.get("mode", "zero")
     part = is_htmx(request) and request.headers.get("hx-target") == "effect-result"
-    src = await run_in_threadpool(load_source, session, model, source)
     # the whole page (without JavaScript) around the box; the box alone for htmx
-    ctx = None if part else await run_in_threadpool(build_feature, session,
-                                                    request.app.state.vocabs, src, index)
+    src, ctx = await read_db(request, _stored, request.app.state.vocabs, model, source, index,
+                             not part)
     view, error, status, headers = None, None, 200, {"Cache-Control": "no-store"}
     try:
-        await run_in_threadpool(ready_feature, session, model, source, index)
-        view = await _effect(request, session, src, index, text, mode)
+        await read_db(request, ready_feature, model, source, index)
+        view = await _effect(request, src, index, text, mode)
     except (HTTPException, InferenceError) as exc:
         status, error, more = described(exc)
         headers.update(more)

@@ -52,6 +52,18 @@ async def read_db(request: Request, fn: Callable[..., T], *args) -> T:
     connection back in the pool) when fn returns. Views that wait for something else (the
     model queue) read through this, so that no connection waits with them."""
     return await run_in_threadpool(_in_session, request.app.state.engine, fn, args)
+
+
+def _vocab_of(session: Session, vocabs: queries.VocabCache, row: Row) -> queries.Vocab:
+    return vocabs.get(session, model_id=getattr(row, "model_id", row.id),
+                      tokenizer_hash=row.tokenizer_hash)
+
+
+async def read_vocab(request: Request, row: Row) -> queries.Vocab:
+    """The token texts of a model row, or of a source row's model (read once, then cached),
+    through `read_db`."""
+    return await read_db(request, _vocab_of, request.app.state.vocabs, row)
+
 ModelSlug = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=128,
                                 description="model slug, e.g. smollm2-135m-instruct")]
 SourceSlug = Annotated[str, Path(pattern=SLUG_PATTERN, max_length=128,

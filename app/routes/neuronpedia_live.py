@@ -11,11 +11,11 @@ request and Neuronpedia: `tokens` and `values` include the leading BOS token unl
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.db import queries
+from app.keys import Scope
 from app.neuronpedia_rank import active_features, ranked_features, top_by_token
 from app.neuronpedia_schemas import (
     NpActivationNewIn,
@@ -35,8 +35,9 @@ from app.neuronpedia_schemas import (
     NpTopkOut,
     source_set_name,
 )
+from app.routes.access import requires
 from app.routes.activations import ready_feature
-from app.routes.deps import SessionDep, invalid, load_source, model_queue, not_found
+from app.routes.deps import invalid, load_source, model_queue, not_found, read_db, read_vocab
 from app.routes.errors import documented
 
 router = APIRouter()
@@ -45,7 +46,10 @@ ERRORS = documented(404, 413, 422, 503)
 
 
 def _post(path: str, **kw):
-    """A POST route at `path` and at `path/`, the second left out of the API docs."""
+    """A POST route at `path` and at `path/`, the second left out of the API docs; it runs the
+    model, so it needs the `live` scope."""
+    kw["dependencies"] = [requires(Scope.live)]
+
     def register(fn):
         router.post(path + "/", include_in_schema=False, **kw)(fn)
         return router.post(path, responses=ERRORS, **kw)(fn)
@@ -62,12 +66,6 @@ def _answer(out: BaseModel | list[BaseModel]) -> Response:
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-def _vocab(request: Request, session: Session, row):
-    """The vocabulary of a model row, or of a source row with its model's."""
-    return request.app.state.vocabs.get(session, model_id=getattr(row, "model_id", row.id),
-                                        tokenizer_hash=row.tokenizer_hash)
-
-
 def _neurons(session: Session, model: str, slug: str, src_id: int,
              indices: list[int]) -> dict[int, NpNeuron]:
     stats = queries.feature_stats(session, source_id=src_id, indices=indices)
@@ -82,24 +80,23 @@ def _ready_source(session: Session, model: str, source: str):
     return src
 
 
-async def _prepare(request: Request, session: Session, model: str, source: str,
-                   texts: str | list[str]):
+async def _prepare(request: Request, model: str, source: str, texts: str | list[str]):
     """(queue, source row, vocabulary, token ids of each text) for a request on one source."""
     queue = model_queue(request)
-    src = await run_in_threadpool(_ready_source, session, model, source)
-    vocab = await run_in_threadpool(_vocab, request, session, src)
+    src = await read_db(request, _ready_source, model, source)
+    vocab = await read_vocab(request, src)
     return queue, src, vocab, await queue.tokenize(model, _texts(texts))
 
 
 @_post("/api/activation/new", response_model=NpLiveActivation | list[NpLiveActivation],
        summary="One feature's activations on your text(s), shaped like Neuronpedia's "
        "/api/activation/new")
-async def activation_new(request: Request, body: NpActivationNewIn, session: SessionDep):
+async def activation_new(request: Request, body: NpActivationNewIn):
     ref = body.ref
     index = ref.number
     queue = model_queue(request)
-    src = await run_in_threadpool(ready_feature, session, ref.modelId, ref.slug, index)
-    vocab = await run_in_threadpool(_vocab, request, session, src)
+    src = await read_db(request, ready_feature, ref.modelId, ref.slug, index)
+    vocab = await read_vocab(request, src)
     runs = await queue.tokenize(ref.modelId, _texts(body.customText))
     served = queue.models.model(ref.modelId)
     results = await queue.call(lambda models: models.model(ref.modelId).activations(
@@ -119,8 +116,8 @@ async def activation_new(request: Request, body: NpActivationNewIn, session: Ses
 @_post("/api/activation/source", response_model=NpSourceActivationsOut,
        summary="Every feature of a source on your text(s): the non-zero values, shaped like "
        "Neuronpedia's /api/activation/source")
-async def activation_source(request: Request, body: NpSourceActivationsIn, session: SessionDep):
-    queue, src, vocab, runs = await _prepare(request, session, body.modelId, body.source,
+async def activation_source(request: Request, body: NpSourceActivationsIn):
+    queue, src, vocab, runs = await _prepare(request, body.modelId, body.source,
                                              body.customText)
 
     def compute(models):
@@ -154,11 +151,11 @@ def _search_sources(session: Session, body: NpSearchAllIn) -> tuple[object, dict
 @_post("/api/search-all", response_model=NpSearchAllOut | NpSearchAllBatch,
        summary="The features of a source set that fire most on your text(s), shaped like "
        "Neuronpedia's /api/search-all")
-async def search_all(request: Request, body: NpSearchAllIn, session: SessionDep):
+async def search_all(request: Request, body: NpSearchAllIn):
     queue = model_queue(request)
-    row, sources = await run_in_threadpool(_search_sources, session, body)
+    row, sources = await read_db(request, _search_sources, body)
     slugs = list(sources)
-    vocab = await run_in_threadpool(_vocab, request, session, row)
+    vocab = await read_vocab(request, row)
     runs = await queue.tokenize(body.modelId, _texts(body.text))
     for ids in runs:
         bad = [i for i in body.sortIndexes if not 0 <= i < len(ids)]
@@ -175,7 +172,7 @@ async def search_all(request: Request, body: NpSearchAllIn, session: SessionDep)
 
     ranked = await queue.call(compute)
 
-    def finish() -> list[NpSearchAllOut]:
+    def finish(session: Session) -> list[NpSearchAllOut]:
         wanted: dict[str, set[int]] = {}
         for hits in ranked:
             for h in hits:
@@ -196,16 +193,15 @@ async def search_all(request: Request, body: NpSearchAllIn, session: SessionDep)
                         for h in kept]))
         return outs
 
-    outs = await run_in_threadpool(finish)
+    outs = await read_db(request, finish)
     return _answer(outs[0] if isinstance(body.text, str) else NpSearchAllBatch(results=outs))
 
 
 @_post("/api/search-topk-by-token", response_model=NpTopkOut | NpTopkBatch,
        summary="Each token's top features of a source on your text(s), shaped like "
        "Neuronpedia's /api/search-topk-by-token")
-async def search_topk_by_token(request: Request, body: NpTopkIn, session: SessionDep):
-    queue, src, vocab, runs = await _prepare(request, session, body.modelId, body.source,
-                                             body.text)
+async def search_topk_by_token(request: Request, body: NpTopkIn):
+    queue, src, vocab, runs = await _prepare(request, body.modelId, body.source, body.text)
 
     def compute(models):
         served = models.model(body.modelId)
@@ -220,7 +216,7 @@ async def search_topk_by_token(request: Request, body: NpTopkIn, session: Sessio
 
     found = await queue.call(compute)
 
-    def finish() -> list[NpTopkOut]:
+    def finish(session: Session) -> list[NpTopkOut]:
         indices = sorted({f for rows in found for _, _, top in rows for f, _ in top})
         neurons = _neurons(session, body.modelId, body.source, src.id, indices)
         outs = []
@@ -237,5 +233,5 @@ async def search_topk_by_token(request: Request, body: NpTopkIn, session: Sessio
             outs.append(NpTopkOut(source=body.source, results=results))
         return outs
 
-    outs = await run_in_threadpool(finish)
+    outs = await read_db(request, finish)
     return _answer(outs[0] if isinstance(body.text, str) else NpTopkBatch(results=outs))

@@ -10,16 +10,18 @@ pushes the shareable URL; without JavaScript the whole page comes back with them
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 from starlette.datastructures import QueryParams
 
 from app import urls
 from app.db import queries
 from app.intervention_schemas import IOI, MAX_PATCH_RUNS, PATCH_KINDS, PatchIn, PatchOut, PatchView
+from app.keys import Scope
 from app.routes import runs
-from app.routes.deps import SessionDep, invalid, model_queue, not_found
+from app.routes.access import requires
+from app.routes.deps import invalid, model_queue, not_found, read_db, read_vocab
 from app.routes.errors import documented, validation_message
 from app.routes.render import page
 from app.schemas import TokenRef
@@ -51,11 +53,16 @@ def parse_request(params: QueryParams, model: str) -> PatchIn:
         raise invalid(validation_message(exc.errors())) from None
 
 
-async def run_patch(request: Request, session: Session, req: PatchIn) -> PatchOut:
-    queue = model_queue(request)
-    row = await run_in_threadpool(queries.model_by_slug, session, slug=req.model)
+def _model(session: Session, slug: str) -> Row:
+    row = queries.model_by_slug(session, slug=slug)
     if row is None:
-        raise not_found(f"unknown model {req.model!r}")
+        raise not_found(f"unknown model {slug!r}")
+    return row
+
+
+async def run_patch(request: Request, req: PatchIn) -> PatchOut:
+    queue = model_queue(request)
+    row = await read_db(request, _model, req.model)
     clean, corrupted, answer, wrong = await queue.tokenize(
         req.model, [req.clean, req.corrupted, req.answer, req.wrong])
     served = queue.models.model(req.model)
@@ -76,8 +83,7 @@ async def run_patch(request: Request, session: Session, req: PatchIn) -> PatchOu
                      kinds=list(req.kinds), batch_size=batch, max_runs=MAX_PATCH_RUNS)
 
     sw = await queue.call(work)
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session, model_id=row.id,
-                                    tokenizer_hash=row.tokenizer_hash)
+    vocab = await read_vocab(request, row)
     return PatchOut(
         model=req.model, clean_tokens=list(vocab.many(clean)),
         corrupted_tokens=list(vocab.many(corrupted)), clean_ids=clean, corrupted_ids=corrupted,
@@ -92,9 +98,9 @@ async def run_patch(request: Request, session: Session, req: PatchIn) -> PatchOu
 
 @router.post("/api/v1/patch", response_model=PatchOut, responses=ERRORS,
              summary="Patch clean activations into a corrupted run, at every layer and "
-             "position, head and MLP")
-async def patch_api(request: Request, body: PatchIn, session: SessionDep):
-    return runs.fresh_json(await run_patch(request, session, body))
+             "position, head and MLP", dependencies=[requires(Scope.live)])
+async def patch_api(request: Request, body: PatchIn):
+    return runs.fresh_json(await run_patch(request, body))
 
 
 def _view(request: Request):
@@ -123,8 +129,8 @@ async def patch_page(request: Request):
                      partial="_patch.html")
 
 
-@router.post("/patch", include_in_schema=False)
-async def patch_run(request: Request, session: SessionDep):
+@router.post("/patch", include_in_schema=False, dependencies=[requires(Scope.live)])
+async def patch_run(request: Request):
     """The patch page with the heatmaps of its request (htmx: the result part alone)."""
-    return await runs.run(request, _parse(request), lambda req: run_patch(request, session, req),
+    return await runs.run(request, _parse(request), lambda req: run_patch(request, req),
                           _view(request), template="patch.html", partial="_patch.html")

@@ -10,7 +10,6 @@ without JavaScript the whole page comes back with the result and a link to the r
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import QueryParams
@@ -31,9 +30,11 @@ from app.intervention_schemas import (
     SteerView,
     TokenLogprob,
 )
+from app.keys import Scope
 from app.routes import runs
+from app.routes.access import requires
 from app.routes.activations import ready_feature
-from app.routes.deps import SessionDep, invalid, model_queue, not_found
+from app.routes.deps import invalid, model_queue, not_found, read_db, read_vocab
 from app.routes.errors import documented, validation_message
 from app.routes.render import page
 
@@ -91,9 +92,9 @@ def _check(session: Session, req: SteerIn):
     return row
 
 
-async def run_steer(request: Request, session: Session, req: SteerIn) -> SteerOut:
+async def run_steer(request: Request, req: SteerIn) -> SteerOut:
     queue = model_queue(request)
-    row = await run_in_threadpool(_check, session, req)
+    row = await read_db(request, _check, req)
     ids = (await queue.tokenize(req.model, [req.prompt]))[0]
 
     def work(models):
@@ -110,8 +111,7 @@ async def run_steer(request: Request, session: Session, req: SteerIn) -> SteerOu
         return default, steered, decode(default.ids), decode(steered.ids), hooks
 
     default, steered, default_text, steered_text, hooks = await queue.call(work)
-    vocab = await run_in_threadpool(request.app.state.vocabs.get, session, model_id=row.id,
-                                    tokenizer_hash=row.tokenizer_hash)
+    vocab = await read_vocab(request, row)
 
     def continuation(gen, text: str) -> Continuation:
         tokens = []
@@ -132,9 +132,10 @@ async def run_steer(request: Request, session: Session, req: SteerIn) -> SteerOu
 
 
 @router.post("/api/v1/steer", response_model=SteerOut, responses=ERRORS,
-             summary="Generate without and with features steered (added, set or capped)")
-async def steer_api(request: Request, body: SteerIn, session: SessionDep):
-    return runs.fresh_json(await run_steer(request, session, body))
+             summary="Generate without and with features steered (added, set or capped)",
+             dependencies=[requires(Scope.live)])
+async def steer_api(request: Request, body: SteerIn):
+    return runs.fresh_json(await run_steer(request, body))
 
 
 def _np_logprobs(c: Continuation, with_top: bool) -> list[NpLogprob]:
@@ -144,8 +145,9 @@ def _np_logprobs(c: Continuation, with_top: bool) -> list[NpLogprob]:
 
 
 @router.post("/api/steer", response_model=NpSteerOut, responses=ERRORS,
-             summary="Steering shaped like Neuronpedia's /api/steer")
-async def neuronpedia_steer(request: Request, body: NpSteerIn, session: SessionDep):
+             summary="Steering shaped like Neuronpedia's /api/steer",
+             dependencies=[requires(Scope.live)])
+async def neuronpedia_steer(request: Request, body: NpSteerIn):
     if body.stream:
         raise invalid("stream is not supported: send stream false (or leave it out)")
     other = [f.modelId for f in body.features if f.modelId != body.modelId]
@@ -158,7 +160,7 @@ async def neuronpedia_steer(request: Request, body: NpSteerIn, session: SessionD
         method="orthogonal" if body.steer_method == "ORTHOGONAL_DECOMP" else "additive",
         normalize=body.normalize_steering, n_tokens=body.n_tokens, temperature=body.temperature,
         seed=body.seed % 2**63, top_logprobs=body.n_logprobs, freq_penalty=body.freq_penalty)
-    out = await run_steer(request, session, req)
+    out = await run_steer(request, req)
     top = body.n_logprobs > 0
     return runs.fresh_json(NpSteerOut(
         STEERED=body.prompt + out.steered.text, DEFAULT=body.prompt + out.default.text,
@@ -193,8 +195,8 @@ async def steer_page(request: Request):
                      partial="_steer.html")
 
 
-@router.post("/steer", include_in_schema=False)
-async def steer_run(request: Request, session: SessionDep):
+@router.post("/steer", include_in_schema=False, dependencies=[requires(Scope.live)])
+async def steer_run(request: Request):
     """The steer page with the result of its request (htmx: the result part alone)."""
-    return await runs.run(request, _runnable, lambda req: run_steer(request, session, req),
+    return await runs.run(request, _runnable, lambda req: run_steer(request, req),
                           _view(request), template="steer.html", partial="_steer.html")

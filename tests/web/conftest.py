@@ -4,6 +4,7 @@ and script payloads), the app over it, and a real uvicorn server for the browser
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from support import (
     BROWSER_ARGS,
     CHROMIUM,
+    LiveWorld,
     disposing_engines,
     fresh_pg_url,
     needs_chromium,
@@ -165,15 +167,33 @@ def write_db(harvests):
     return lambda url, which=slice(None): write_harvests(url, harvests[which])
 
 
-@pytest.fixture(scope="module",
-                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def module_db_url(request, tmp: Path) -> str:
+    """The database of a test module parametrized over BACKENDS: a SQLite file in `tmp`, or a
+    fresh PostgreSQL database named after the module."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp / 'featurescope.db'}"
+    needs_postgres()
+    return fresh_pg_url(f"fs_test_{name}")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def llama_db(request, write_db, tmp_path_factory) -> WebDB:
     """The tiny Llama's harvest (neurons, an SAE, a building source) in a SQLite file of the
     test module's own, and in a fresh PostgreSQL database: for tests that write."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('llama') / 'featurescope.db'}"
-    else:
-        needs_postgres()
-        url = fresh_pg_url(f"fs_test_{request.module.__name__.rsplit('.', 1)[-1]}")
+    url = module_db_url(request, tmp_path_factory.mktemp("llama"))
     with disposing_engines(url):
         yield write_db(url, slice(0, 1))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def live_world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[LiveWorld]:
+    """The tiny Llama's live world (`support.LiveWorld`) in a SQLite file of the test module's
+    own, and in a fresh PostgreSQL database."""
+    tmp = tmp_path_factory.mktemp("live")
+    url = module_db_url(request, tmp)
+    with disposing_engines(url):
+        yield LiveWorld(tiny_llama_dir, tmp, url)

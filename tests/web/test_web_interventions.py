@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from support import random_sae, serve_in_thread
+from support import LOOPBACK, random_sae, serve_in_thread
 
 from app import urls
 from app.config import Settings
@@ -91,13 +91,14 @@ def live(world) -> ModelQueue:
 @pytest.fixture(scope="module")
 def client(world, live):
     app = create_app(Settings(database_url=world.url), engine=world.engine, live=live)
-    with TestClient(app) as c:
+    with TestClient(app, client=LOOPBACK) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def off_client(world):
-    with TestClient(create_app(Settings(database_url=world.url), engine=world.engine)) as c:
+    with TestClient(create_app(Settings(database_url=world.url), engine=world.engine),
+                    client=LOOPBACK) as c:
         yield c
 
 

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
@@ -19,9 +18,6 @@ from sqlalchemy import select
 from support import (
     LOOPBACK,
     LiveWorld,
-    disposing_engines,
-    fresh_pg_url,
-    needs_postgres,
     openapi_failures,
     serve_in_thread,
 )
@@ -36,18 +32,10 @@ from workers.inference import ServedModel, ServedModels
 MAX_TOKENS = 48
 
 
-@pytest.fixture(scope="module",
-                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def world(request, tiny_llama_dir, tmp_path_factory) -> Iterator[LiveWorld]:
+@pytest.fixture(scope="module")
+def world(live_world) -> LiveWorld:
     """The world in a SQLite file, and in a fresh PostgreSQL database."""
-    tmp = tmp_path_factory.mktemp("live")
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp / 'live.db'}"
-    else:
-        needs_postgres()
-        url = fresh_pg_url("fs_test_live")
-    with disposing_engines(url):
-        yield LiveWorld(tiny_llama_dir, tmp, url)
+    return live_world
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +224,8 @@ def test_the_live_answers_keep_to_the_openapi_description(world, live, live_key)
 
 
 def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, live_key):
-    """16 clients post to the model while it is busy, beside readers of feature pages, over a
+    """16 clients post to the model while it is busy (activations, Neuronpedia's activation/new
+    and search-topk-by-token, ablation, steering), beside readers of feature pages, over a
     pool of 2 connections that gives up after 1 s: the live requests get 200, 429 or 503
     (never a 5xx from an exhausted pool), and the pages keep answering."""
     from sqlalchemy.orm import Session
@@ -261,10 +250,21 @@ def test_live_requests_waiting_for_the_model_hold_no_database_connection(world, 
         assert started.wait(10)
 
         def poster(i: int) -> None:
-            req = {"model": world.lm.slug, "source": "0-mlp", "index": i, "text": f"x = {i}"}
-            for _ in range(4):
-                r = c.post("/api/v1/activations", json=req,
-                           headers={"x-api-key": keys[i % 2]})
+            m, text = world.lm.slug, f"x = {i}"
+            mix = [("/api/v1/activations", {"model": m, "source": "0-mlp", "index": i,
+                                            "text": text}),
+                   ("/api/activation/new", {"feature": {"modelId": m, "source": "0-mlp",
+                                                        "index": str(i)}, "customText": text}),
+                   ("/api/v1/ablate", {"model": m, "text": text,
+                                       "features": [{"source": "0-mlp", "index": i}]}),
+                   ("/api/v1/steer", {"model": m, "prompt": text, "n_tokens": 2,
+                                      "features": [{"source": "0-mlp", "index": i,
+                                                    "strength": 2}]}),
+                   ("/api/search-topk-by-token", {"modelId": m, "source": "0-mlp",
+                                                  "text": text})]
+            for j in range(4):
+                path, body = mix[(i + j) % len(mix)]
+                r = c.post(path, json=body, headers={"x-api-key": keys[i % 2]})
                 live_codes.append(r.status_code)
 
         def reader(i: int) -> None:

@@ -312,3 +312,33 @@ def test_activation_source_over_the_limits(world, base):
     assert "at most 4" in _post(base, "/api/activation/source", body, 413)["error"]
     body["customText"] = " word" * 80
     assert "64 tokens" in _post(base, "/api/activation/source/", body, 413)["error"]
+
+
+def test_the_client_sends_its_key_where_the_server_needs_one(world, monkeypatch):
+    """Served on every interface, running the model needs a key: the client's own
+    (NEURONPEDIA_API_KEY, sent as X-Api-Key) lets it through with the live scope only."""
+    from neuronpedia.requests.base_request import NPUnauthorizedError
+    from sqlalchemy.orm import Session
+
+    from app.keys import create_key
+
+    with Session(world.engine) as session:
+        keys = {s: create_key(session, name=f"client {s}", scope=s)[1] for s in ("read", "live")}
+    live = ModelQueue(world.models, InferenceLimits(max_tokens=64, max_texts=4, max_wait=30))
+    app = create_app(Settings(database_url=world.url, host="0.0.0.0"), engine=world.engine,
+                     live=live)
+
+    def ask():
+        return ActivationRequest().compute_activation_for_text(world.lm.slug, SAE, 7, TEXTS[1])
+
+    with serve_in_thread(app) as url:
+        monkeypatch.setattr(NPRequest, "BASE_URL", f"{url}/api")
+        with pytest.raises(NPUnauthorizedError):  # "unused": no such key
+            ask()
+        monkeypatch.setenv("NEURONPEDIA_API_KEY", keys["read"])
+        with pytest.raises(requests.HTTPError, match="403"):
+            ask()
+        monkeypatch.setenv("NEURONPEDIA_API_KEY", keys["live"])
+        act = ask()
+    ids = world.ids(TEXTS[1])
+    np.testing.assert_allclose(act.values, world.brute(ids)[SAE][:, 7], rtol=1e-5, atol=1e-6)
