@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app import explanations, urls
 from app.db import relations as db
-from app.db.tables import MATCH_BEST, RelationKind
+from app.db.tables import MATCH_BEST, MATCH_CONTROL, RelationKind
 from app.relation_schemas import FeatureRelated, RelatedOut
 
 
@@ -28,6 +28,8 @@ def related_of(session: Session, cache: explanations.ExplanationCache, *, source
         texts.update({(sid, i): fe.explanations[0].text
                       for i, fe in found.items() if fe.explanations})
     lists: dict[str, list] = defaultdict(list)
+    controls = {r.other_source_id: r.value for r in rows
+                if r.kind == RelationKind.match and r.rank == MATCH_CONTROL}
     for r in sorted(rows, key=lambda r: (r.kind, r.other_source_id != source_id, r.rank,
                                          r.other_source_id)):
         name = r.kind
@@ -38,5 +40,6 @@ def related_of(session: Session, cache: explanations.ExplanationCache, *, source
         lists[name].append(RelatedOut(
             model=r.other_model, source=r.other_source, index=r.other_idx, value=r.value,
             explanation=texts.get((r.other_source_id, r.other_idx)),
-            url=urls.feature(r.other_model, r.other_source, r.other_idx)))
+            url=urls.feature(r.other_model, r.other_source, r.other_idx),
+            control=controls.get(r.other_source_id) if r.kind == RelationKind.match else None))
     return FeatureRelated(**{name: lists.get(name, []) for name in FeatureRelated.model_fields})

@@ -18,6 +18,9 @@ class RelatedOut(_Out):
     value: float
     explanation: str | None = Field(description="its best explanation, where it has one")
     url: str
+    control: float | None = Field(None, description="match only: the best match's correlation "
+                                  "against the other source's activations on other sequences, "
+                                  "what a best match reaches by chance")
 
 
 class FeatureRelated(_Out):
@@ -63,6 +66,10 @@ class ComparePage(_Out):
                              "as a counterpart")
     best_match: list[CorrelationBin] = Field(description="histogram of the best-match "
                                              "correlation of each feature of A in B, over [-1, 1]")
+    control: list[CorrelationBin] = Field(description="the same against B's activations on "
+                                          "other sequences: what best matches reach by chance")
+    median_best: float | None
+    median_control: float | None
     pairs: list[MatchedPair] = Field(description="the one-to-one matching, highest first")
     unmatched_a: list[int] = Field(description="features of A with no counterpart in B: no "
                                    "one-to-one partner, or one correlated below the threshold")

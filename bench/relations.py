@@ -98,7 +98,7 @@ def main() -> None:
         other = demo_sae(lm, hook, args.sae_features, args.sae_k, seed=1)
         n_match = max(1, args.match_tokens // args.seq_len)
         t0 = time.perf_counter()
-        corr = correlations(lm, sae, lm, other, ds.tokens[:n_match], first=1,
+        corr, _ = correlations(lm, sae, lm, other, ds.tokens[:n_match], first=1,
                             batch_size=args.batch_size)
         t_corr = time.perf_counter() - t0
         t0 = time.perf_counter()

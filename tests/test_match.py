@@ -86,14 +86,18 @@ def test_a_permuted_copy_is_matched_to_its_permutation(permuted, capsys):
             client.get(f"/compare/{model}/{a}/{model}/{b}.json").content)
         assert sum(x.count for x in page.best_match) == len(alive)
         assert page.best_match[-1].count == len(alive)  # all in the bin ending at 1
+        assert sum(x.count for x in page.control) == len(alive)
+        assert page.median_best == pytest.approx(1) and page.median_control < 0.9
         assert {(p.a, p.b) for p in page.pairs if p.a in alive} == {(f, inverse[f])
                                                                     for f in alive}
         assert page.unmatched_a == sorted(set(range(48)) - set(alive))
         html = client.get(f"/compare/{model}/{a}/{model}/{b}").text
-        assert html.count("<rect ") == 20 and f'href="/{model}/{b}/{inverse[alive[0]]}"' in html
+        assert html.count("<rect ") == 40 and html.count('<rect class="control"') == 20
+        assert f'href="/{model}/{b}/{inverse[alive[0]]}"' in html
         f = alive[0]
         fp = FeaturePage.model_validate_json(client.get(f"/{model}/{a}/{f}.json").content)
         assert [(m.source, m.index) for m in fp.related.match] == [(b, inverse[f])]
+        assert fp.related.match[0].control < fp.related.match[0].value
         assert 'id="related-match"' in client.get(f"/{model}/{a}/{f}").text
         missing = client.get(f"/compare/{model}/{a}/{model}/{a}.json")
         assert missing.status_code == 404 and "featurescope match" in missing.json()["error"]
@@ -104,10 +108,17 @@ def test_correlations_across_two_models_equal_brute_force(tiny_gpt2_dir, tiny_ll
     gpt2, llama = load_model(str(tiny_gpt2_dir)), load_model(str(tiny_llama_dir))
     ds = load_dataset("pydoc", gpt2.tokenizer, seq_len=16, max_tokens=20 * 16)
     sa, sb = neuron_sources(gpt2, [0])[0], neuron_sources(llama, [1])[0]
-    got = correlations(gpt2, sa, llama, sb, ds.tokens, first=1, batch_size=4)
+    got, control = correlations(gpt2, sa, llama, sb, ds.tokens, first=1, batch_size=4)
     xa, xb = brute_acts(gpt2, ds.tokens, sa), brute_acts(llama, ds.tokens, sb)
-    want = torch.corrcoef(torch.cat([xa, xb], dim=1).T)[:sa.n_features, sa.n_features:]
+    fa = sa.n_features
+    want = torch.corrcoef(torch.cat([xa, xb], dim=1).T)[:fa, fa:]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The control: B's activations from the next sequence of each batch of 4 (the first's for
+    # the last): 20 sequences of 15 counted tokens.
+    seqs = xb.view(20, 15, -1)
+    other = torch.cat([seqs[b:b + 4].roll(-1, dims=0) for b in range(0, 20, 4)]).view(300, -1)
+    want_control = torch.corrcoef(torch.cat([xa, other], dim=1).T)[:fa, fa:]
+    torch.testing.assert_close(control, want_control, rtol=1e-5, atol=1e-6)
 
 
 def test_sources_of_models_with_other_tokenizers_are_refused(tmp_path, tiny_gpt2_dir,

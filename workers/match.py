@@ -1,6 +1,7 @@
 """Matching two sources' features by activation correlation over the same tokens: the
 correlation matrix from sums kept in one pass, each feature's best match in the other source,
-a one-to-one matching, stored as `match` relations of both sources.
+a one-to-one matching, and a control (best matches against activations on other sequences),
+stored as `match` relations of both sources.
 
 The sources may belong to different models that share a tokenizer (the stored tokenizer hash):
 the tokens are the stored sequences of the first source's dataset.
@@ -20,12 +21,9 @@ from torch import Tensor
 from app.db.bulk import bulk_insert
 from app.db.engine import transaction
 from app.db.tables import (
-    MATCH_BEST as BEST,
-)
-from app.db.tables import (
-    MATCH_ONE_TO_ONE as ONE_TO_ONE,
-)
-from app.db.tables import (
+    MATCH_BEST,
+    MATCH_CONTROL,
+    MATCH_ONE_TO_ONE,
     BosPolicy,
     Dataset,
     Model,
@@ -141,21 +139,24 @@ def one_to_one(corr: Tensor) -> list[tuple[int, int]]:
     return list(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
-def match_rows(corr: Tensor, pairs: list[tuple[int, int]]) -> tuple[list, list]:
+def match_rows(corr: Tensor, pairs: list[tuple[int, int]], control: Tensor
+               ) -> tuple[list, list]:
     """Relation rows (feature, kind, rank, other feature, value) of A's features and of B's:
-    each feature's best match (rank BEST) and its one-to-one partner (rank ONE_TO_ONE)."""
-    c = torch.nan_to_num(corr, nan=float("-inf"))
+    each feature's best match (rank MATCH_BEST), its one-to-one partner (MATCH_ONE_TO_ONE) and
+    its best match in the control correlations (MATCH_CONTROL)."""
     out_a, out_b = [], []
-    for rows, m in ((out_a, c), (out_b, c.T)):
-        value, best = m.max(dim=1)
-        rows += [(f, RelationKind.match, BEST, j, v) for f, (j, v) in
-                 enumerate(zip(best.tolist(), value.tolist(), strict=True)) if v > float("-inf")]
+    for rank, matrix in ((MATCH_BEST, corr), (MATCH_CONTROL, control)):
+        c = torch.nan_to_num(matrix, nan=float("-inf"))
+        for rows, m in ((out_a, c), (out_b, c.T)):
+            value, best = m.max(dim=1)
+            rows += [(f, RelationKind.match, rank, j, v) for f, (j, v) in enumerate(
+                zip(best.tolist(), value.tolist(), strict=True)) if v > float("-inf")]
     cv = corr.tolist()
     for a, b in pairs:
         v = cv[a][b]
         if v == v:  # not NaN
-            out_a.append((a, RelationKind.match, ONE_TO_ONE, b, v))
-            out_b.append((b, RelationKind.match, ONE_TO_ONE, a, v))
+            out_a.append((a, RelationKind.match, MATCH_ONE_TO_ONE, b, v))
+            out_b.append((b, RelationKind.match, MATCH_ONE_TO_ONE, a, v))
     return out_a, out_b
 
 
@@ -172,10 +173,14 @@ def source_spec(lm, side: Side):
 
 
 def correlations(lm_a, spec_a, lm_b, spec_b, tokens: Tensor, *, first: int,
-                 batch_size: int = 8) -> Tensor:
+                 batch_size: int = 8) -> tuple[Tensor, Tensor]:
     """Both sources over the same token sequences [n, seq_len]: [Fa, Fb] correlations over
-    every token from `first` on (one forward pass per batch where both share a model)."""
+    every token from `first` on (one forward pass per batch where both share a model), and the
+    control: the same with B's activations taken from the next sequence of the batch (the
+    first's for the last), so no pair shares a token."""
     stats = CrossStats(spec_a.n_features, spec_b.n_features, lm_a.device)
+    control = CrossStats(spec_a.n_features, spec_b.n_features, lm_a.device)
+    per_seq = tokens.shape[1] - first
     sides = [(lm_a, spec_a, "a"), (lm_b, spec_b, "b")]
     with torch.inference_mode():
         for b0 in range(0, tokens.shape[0], batch_size):
@@ -192,15 +197,18 @@ def correlations(lm_a, spec_a, lm_b, spec_b, tokens: Tensor, *, first: int,
                             got[key] = x[:, first:, :].reshape(-1, spec.n_features)
 
                 run[0][0].run_with_hooks(ids, hooks, capture)
-            stats.update(got["a"], got["b"].to(got["a"].device))
-    return stats.corr()
+            xa, xb = got["a"], got["b"].to(got["a"].device)
+            stats.update(xa, xb)
+            if xa.shape[0] > per_seq:  # a batch of one sequence has no other to pair with
+                control.update(xa, torch.roll(xb, -per_seq, dims=0))
+    return stats.corr(), control.corr()
 
 
 def store_matches(engine: Engine, a: Side, b: Side, corr: Tensor,
-                  pairs: list[tuple[int, int]]) -> None:
+                  pairs: list[tuple[int, int]], control: Tensor) -> None:
     """Replace the `match` relations between the two sources, in one transaction, and move
     both sources' version hashes (their pages change)."""
-    rows_a, rows_b = match_rows(corr, pairs)
+    rows_a, rows_b = match_rows(corr, pairs, control)
     with transaction(engine) as s:
         s.execute(delete(Relation).where(
             Relation.kind == RelationKind.match,
@@ -233,10 +241,10 @@ def run_match(engine: Engine, spec_a: str, spec_b: str, *, max_tokens: int | Non
     lm_a = load_model(a.model_spec, device=device)
     lm_b = lm_a if b.model == a.model else load_model(b.model_spec, device=device)
     tokens = stored_tokens(engine, a.dataset_id, max_tokens)
-    corr = correlations(lm_a, source_spec(lm_a, a), lm_b, source_spec(lm_b, b), tokens,
-                        first=1 if a.bos_first else 0, batch_size=batch_size)
+    corr, control = correlations(lm_a, source_spec(lm_a, a), lm_b, source_spec(lm_b, b),
+                                 tokens, first=1 if a.bos_first else 0, batch_size=batch_size)
     pairs = one_to_one(corr)
-    store_matches(engine, a, b, corr, pairs)
+    store_matches(engine, a, b, corr, pairs, control)
     log.info("matched %s/%s with %s/%s over %d tokens", a.model, a.source, b.model, b.source,
              tokens.numel())
     return a, b, corr, pairs

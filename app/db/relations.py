@@ -37,10 +37,10 @@ def of_feature(session: Session, *, source_id: int, index: int) -> Seq[Row]:
 
 def matches(session: Session, *, source_id: int, other_source_id: int) -> Seq[Row]:
     """A source's `match` relations to another: (feature_idx, rank, other_idx, value), by
-    feature and rank (at most two per feature)."""
+    feature and rank (at most three per feature)."""
     q = (select(Relation.feature_idx, Relation.rank, Relation.other_idx, Relation.value)
          .where(Relation.source_id == source_id, Relation.other_source_id == other_source_id,
                 Relation.kind == RelationKind.match)
          .order_by(Relation.feature_idx, Relation.rank)
-         .limit(2 * MAX_MATCHED))
+         .limit(3 * MAX_MATCHED))
     return session.execute(q).all()

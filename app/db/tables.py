@@ -279,9 +279,11 @@ class RelationKind(enum.StrEnum):
     match = "match"
 
 
-MATCH_BEST, MATCH_ONE_TO_ONE = 0, 1
+MATCH_BEST, MATCH_ONE_TO_ONE, MATCH_CONTROL = 0, 1, 2
 """The ranks of a feature's `match` relations to one compared source: its best match by
-activation correlation, and its partner in the one-to-one matching of the two sources."""
+activation correlation, its partner in the one-to-one matching of the two sources, and the
+control: its best match against the other source's activations on other sequences (what a best
+match reaches by chance)."""
 
 
 class Relation(Base):

@@ -4,13 +4,15 @@ no counterpart."""
 
 from __future__ import annotations
 
+import statistics
+
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app import urls
 from app.db import relations as db
-from app.db.tables import MATCH_BEST, MATCH_ONE_TO_ONE
+from app.db.tables import MATCH_BEST, MATCH_CONTROL, MATCH_ONE_TO_ONE
 from app.relation_schemas import ComparePage, CorrelationBin, MatchedPair
 from app.routes.deps import ModelSlug, SessionDep, SourceSlug, load_source, not_found
 from app.routes.render import etag, not_modified, page, render
@@ -29,6 +31,10 @@ def _bins(values: list[float]) -> list[CorrelationBin]:
             for i, c in enumerate(counts)]
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _unmatched(n: int, partners: dict[int, float], threshold: float) -> list[int]:
     return [f for f in range(n) if partners.get(f, float("-inf")) < threshold]
 
@@ -41,6 +47,7 @@ def build_compare(session: Session, a: Row, b: Row, threshold: float) -> Compare
     rows_b = rows_a if a.id == b.id else db.matches(session, source_id=b.id,
                                                     other_source_id=a.id)
     best = [r.value for r in rows_a if r.rank == MATCH_BEST]
+    control = [r.value for r in rows_a if r.rank == MATCH_CONTROL]
     pairs = sorted(((r.feature_idx, r.other_idx, r.value) for r in rows_a
                     if r.rank == MATCH_ONE_TO_ONE), key=lambda p: (-p[2], p[0]))
     in_b = {r.feature_idx: r.value for r in rows_b if r.rank == MATCH_ONE_TO_ONE}
@@ -48,7 +55,8 @@ def build_compare(session: Session, a: Row, b: Row, threshold: float) -> Compare
     return ComparePage(
         model_a=a.model_slug, source_a=a.slug, model_b=b.model_slug, source_b=b.slug,
         n_features_a=a.n_features, n_features_b=b.n_features, threshold=threshold,
-        best_match=_bins(best),
+        best_match=_bins(best), control=_bins(control), median_best=_median(best),
+        median_control=_median(control),
         pairs=[MatchedPair(a=x, b=y, value=v, url_a=urls.feature(a.model_slug, a.slug, x),
                            url_b=urls.feature(b.model_slug, b.slug, y)) for x, y, v in pairs],
         unmatched_a=_unmatched(a.n_features, {x: v for x, _, v in pairs}, threshold),
