@@ -200,6 +200,8 @@ class SourceState:
     stats: Stats
     n_sequences: int = 0
     shards: frozenset[int] = field(default_factory=frozenset)
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    """Further per-source totals that merge by addition (a heads source's metric sums)."""
 
     def rankings(self) -> dict[str, Ranked]:
         out = {"top": self.top, "sample": self.sample}
@@ -218,6 +220,7 @@ class SourceState:
             stats=self.stats.merge(other.stats),
             n_sequences=self.n_sequences + other.n_sequences,
             shards=self.shards | other.shards,
+            sums={k: v + other.sums[k] for k, v in self.sums.items()},
         )
 
     def to(self, device: torch.device | str) -> SourceState:
@@ -233,4 +236,5 @@ class SourceState:
             stats=Stats(st.n_tokens, *(t.to(device) for t in (
                 st.n_active, st.sum, st.sumsq, st.max, st.min, st.hist))),
             n_sequences=self.n_sequences, shards=self.shards,
+            sums={k: v.to(device) for k, v in self.sums.items()},
         )

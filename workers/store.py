@@ -168,6 +168,8 @@ class SourceResult:
     identity: list = field(default_factory=list)
     """What the source was made from (model, dataset, slug, hook, harvest config): with the
     time it is written, its version hash."""
+    head_metrics: dict | None = None
+    """A heads source's metrics per head (workers/head_metrics.py), as `sources.head_metrics`."""
 
 
 def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
@@ -191,7 +193,8 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
                                                 default=str).encode()).hexdigest()[:20]
             session.execute(update(Source).where(Source.id == sid).values(
                 status=SourceStatus.ready, progress_tokens=res.n_tokens,
-                finished_at=finished, version_hash=version, error=None))
+                finished_at=finished, version_hash=version, error=None,
+                head_metrics=res.head_metrics))
     log.info("stored %d sources", len(results))
 
 

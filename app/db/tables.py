@@ -50,6 +50,7 @@ class BosPolicy(enum.StrEnum):
 class SourceKind(enum.StrEnum):
     neurons = "neurons"
     sae = "sae"
+    heads = "heads"
 
 
 class Model(Base):
@@ -123,6 +124,8 @@ class Source(Base):
     n_features: Mapped[int] = mapped_column(Integer)
     sae_config: Mapped[dict | None] = mapped_column(JSON)
     harvest_config: Mapped[dict] = mapped_column(JSON)
+    head_metrics: Mapped[dict | None] = mapped_column(JSON, doc="heads sources: every head's "
+                                                      "metrics and their controls (migration 0006)")
     status: Mapped[str] = mapped_column(String(16), default=SourceStatus.building)
     progress_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
