@@ -94,6 +94,20 @@ def build_tiny_llama():
     return model
 
 
+def eager_attentions(lm, tokens) -> list:
+    """Every layer's attention probabilities [N, H, T, T] (float32) from the model's eager
+    attention (`output_attentions=True`); the model goes back to SDPA after."""
+    import torch
+
+    lm.hf_model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            return [a.float() for a in lm.hf_model(input_ids=tokens, output_attentions=True,
+                                                   use_cache=False).attentions]
+    finally:
+        lm.hf_model.set_attn_implementation("sdpa")
+
+
 def assert_states_equal(a, b):
     """Two harvests' states are the same, feature for feature (sums to float64 rounding)."""
     import torch

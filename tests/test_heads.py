@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import inspect, select
+from support import eager_attentions
 
 from app.db.engine import make_engine, transaction, upgrade
 from app.db.tables import ExampleBlock, ExampleGroup, Source, unpack_examples
@@ -34,17 +35,6 @@ def setup(request, tiny_gpt2_dir, tiny_llama_dir):
     states = run_harvest(Harvester(lm, ds.tokens, specs, cfg, bos_first=True))
     assert ds.bos_policy == "bos-prepended"
     return lm, ds, specs, cfg, states
-
-
-def eager_attentions(lm, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's attention probabilities [N, H, T, T] from the model's eager attention."""
-    lm.hf_model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            return [a.float() for a in lm.hf_model(input_ids=tokens, output_attentions=True,
-                                                   use_cache=False).attentions]
-    finally:
-        lm.hf_model.set_attn_implementation("sdpa")
 
 
 def test_top_examples_and_rows_equal_brute_force(setup):

@@ -12,6 +12,8 @@ position as (pos // 2048, pos % 2048), exact in float16.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -51,25 +53,49 @@ def _apply_rope(module: torch.nn.Module, q: Tensor, k: Tensor, kwargs: dict) -> 
     return sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def attention_pattern(lm, module: torch.nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    """The attention probabilities [batch, n_heads, query, key] (float32) of one attention
-    module's call, recomputed from its input with its own projections, RoPE and scaling (grouped
-    key/value heads are shared by their query heads as the model shares them)."""
-    h = args[0] if args else kwargs["hidden_states"]
-    b, t, _ = h.shape
+def attention_pattern(lm, module: torch.nn.Module, proj: dict[str, Tensor], kwargs: dict
+                      ) -> Tensor:
+    """The attention probabilities [batch, n_heads, query, key] (float32) of one call of an
+    attention module, from what its projections gave (`proj`: GPT-2's `qkv`, else `q` and `k`)
+    with its own RoPE and scaling; grouped key/value heads serve their query heads as in the
+    model."""
     dh = lm.d_head
     if lm.arch == "gpt2":
-        q, k, _v = module.c_attn(h).split(module.split_size, dim=2)
+        qkv = proj["qkv"]
+        b, t, _ = qkv.shape
+        q, k, _v = qkv.split(module.split_size, dim=2)
         q, k = (x.view(b, t, -1, dh).transpose(1, 2) for x in (q, k))
     else:
-        q, k = (proj(h).view(b, t, -1, dh) for proj in (module.q_proj, module.k_proj))
+        b, t, _ = proj["q"].shape
+        q, k = (proj[x].view(b, t, -1, dh) for x in ("q", "k"))
         if getattr(module, "q_norm", None) is not None:
             q, k = module.q_norm(q), module.k_norm(k)
         q, k = _apply_rope(module, q.transpose(1, 2), k.transpose(1, 2), kwargs)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * module.scaling
-    future = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     return scores.masked_fill(future, float("-inf")).softmax(-1)
+
+
+def pattern_specs(lm, layer: int, deliver: Callable[[Tensor], None]) -> list[tuple]:
+    """Hook specs (module, how, fn) for LoadedModel._hooks that hand deliver() the attention
+    pattern of `layer` on every pass: the outputs of its query and key projections are kept as
+    they pass (nothing is computed twice), the pattern made when the attention module returns."""
+    attn = lm._attn(layer)
+    projs = {"qkv": attn.c_attn} if lm.arch == "gpt2" else {"q": attn.q_proj, "k": attn.k_proj}
+    seen: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module, args, out):
+            seen[name] = out
+        return hook
+
+    def done(module, args, kwargs, output):
+        pattern = attention_pattern(lm, module, seen, kwargs)
+        seen.clear()
+        deliver(pattern)
+
+    return [*((m, "out", keep(n)) for n, m in projs.items()), (attn, "call", done)]
 
 
 def head_sources(lm, layers: list[int]) -> list[SourceSpec]:
@@ -82,33 +108,56 @@ def head_sources(lm, layers: list[int]) -> list[SourceSpec]:
                        layer=layer, n_features=lm.n_heads, bottom=False) for layer in layers]
 
 
+@lru_cache(maxsize=8)
+def _geometry(t: int, q0: int, device: str) -> tuple[Tensor, Tensor]:
+    """For queries q0..t-1 and keys 0..t-1: the distance q - k (0 for future keys) [nq, t],
+    and its distance bin one-hot, flattened [nq * t, DIST_BINS]."""
+    qpos = torch.arange(q0, t, device=device)
+    dist = (qpos[:, None] - torch.arange(t, device=device)[None, :]).clamp(min=0)
+    onehot = torch.nn.functional.one_hot(distance_bin(dist), DIST_BINS).float()
+    return dist.float(), onehot.view(-1, DIST_BINS)
+
+
 def metric_sums(pattern: Tensor, tokens: Tensor, q0: int, k0: int) -> dict[str, Tensor]:
     """The per-head sums over queries q0.. of one batch's metrics (float64, [H]; the distance
     histogram [H, DIST_BINS]), and `queries` and `dup-queries` (how many queries, and how many
     of those whose token occurred before, at a key >= k0). pattern [b, H, T, T], tokens [b, T]."""
-    b, _, t, _ = pattern.shape
+    b, h, t, _ = pattern.shape
     p = pattern[:, :, q0:, :]
-    qpos = torch.arange(q0, t, device=pattern.device)
+    dist, onehot = _geometry(t, q0, str(pattern.device))
     kpos = torch.arange(t, device=pattern.device)
-    dist = (qpos[:, None] - kpos[None, :]).clamp(min=0)
-    onehot = torch.nn.functional.one_hot(distance_bin(dist), DIST_BINS).to(p.dtype)
+    qpos = kpos[q0:]
     same = (tokens[:, q0:, None] == tokens[:, None, :]) & (kpos[None, None, :] < qpos[None, :, None])
     same &= kpos[None, None, :] >= k0
-    has = same.any(-1)  # [b, nq]
-    per_query = {
-        "previous-token": pattern.diagonal(-1, 2, 3)[..., q0 - 1:],
-        "self": pattern.diagonal(0, 2, 3)[..., q0:],
-        "bos-sink": p[..., 0],
-        "distance": (p * dist).sum(-1),
-        "entropy": -(p * p.clamp_min(1e-30).log()).sum(-1),
-        "duplicate-token": (p * same[:, None]).sum(-1) * has[:, None],
+    summed = p.sum(0)  # the metrics linear in the pattern, summed over the batch first
+    f64 = torch.float64
+    out = {
+        "previous-token": pattern.diagonal(-1, 2, 3)[..., q0 - 1:].sum(dim=(0, 2), dtype=f64),
+        "self": pattern.diagonal(0, 2, 3)[..., q0:].sum(dim=(0, 2), dtype=f64),
+        "bos-sink": p[..., 0].sum(dim=(0, 2), dtype=f64),
+        "distance": (summed * dist).sum(dim=(1, 2), dtype=f64),
+        "entropy": -torch.special.xlogy(p, p).sum(dim=(0, 2, 3), dtype=f64),
+        "duplicate-token": (p.reshape(b, h, -1) @ same.reshape(b, -1, 1).to(p.dtype)).sum(
+            dim=(0, 2), dtype=f64),
+        "distance-hist": (summed.reshape(h, -1) @ onehot).double(),
+        "queries": torch.tensor([b * (t - q0)], dtype=f64, device=pattern.device),
+        "dup-queries": same.any(-1).sum().double().reshape(1),
     }
-    out = {name: v.sum(dim=(0, 2), dtype=torch.float64) for name, v in per_query.items()}
-    out["distance-hist"] = torch.einsum("bhqk,qkn->hn", p, onehot).double()
-    n = torch.tensor([b * (t - q0)], dtype=torch.float64, device=pattern.device)
-    out["queries"] = n
-    out["dup-queries"] = has.sum().double().reshape(1)
     return out
+
+
+_control: list = [None, None]
+"""The last batch's control sums and their key: every layer's heads source of a batch shares
+them (they depend on the tokens, not on the layer)."""
+
+
+def control_sums(key: tuple, tokens: Tensor, t: int, q0: int, k0: int) -> dict[str, Tensor]:
+    """metric_sums of uniform causal attention on these tokens, computed once per batch."""
+    if _control[0] != key:
+        b = tokens.shape[0]
+        _control[:] = [key, metric_sums(uniform_pattern(t, tokens.device).expand(b, 1, t, t),
+                                        tokens, q0, k0)]
+    return _control[1]
 
 
 def uniform_pattern(t: int, device) -> Tensor:
@@ -141,8 +190,8 @@ class HeadAccumulator(Accumulator):
         finally:
             self._pattern = None
         sums = metric_sums(pattern, tokens, self.first, self.k0)
-        control = metric_sums(uniform_pattern(t, pattern.device).expand(b, 1, t, t), tokens,
-                              self.first, self.k0)
+        control = control_sums((id(self.corpus), seq0, b, t, self.first, self.k0,
+                                str(pattern.device)), tokens, t, self.first, self.k0)
         sums.update({f"control:{k}": v for k, v in control.items()})
         for name, v in sums.items():
             have = self.state.sums.get(name)

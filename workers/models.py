@@ -227,27 +227,29 @@ class LoadedModel:
             return
         pending = {name for name, _, _ in parsed}
 
-        def make(name: str, how: str) -> Callable:
-            def hook(module, args, third, *output):  # third: the output, or the kwargs
-                if how == "call":
-                    from workers.heads import attention_pattern
+        def emit(name: str, act: torch.Tensor) -> None:
+            callback(name, act)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
 
-                    act = attention_pattern(self, module, args, third)
-                elif how == "out":
-                    act = _first(third)
+        def make(name: str, how: str) -> Callable:
+            def hook(module, args, third):  # third: the output, or the kwargs of a pre-hook
+                if how == "out":
+                    emit(name, _first(third))
                 else:  # the hidden states come positionally or by keyword
-                    act = args[0] if args else third["hidden_states"]
-                callback(name, act)
-                pending.discard(name)
-                if not pending:
-                    raise _StopForward
+                    emit(name, args[0] if args else third["hidden_states"])
             return hook
 
         specs = []
         for name, layer, kind in parsed:
-            module, how = (self._attn(layer), "call") if kind == "attn.hook_pattern" else \
-                self._module_for(layer, kind)
-            specs.append((module, how, make(name, how)))
+            if kind == "attn.hook_pattern":
+                from workers.heads import pattern_specs
+
+                specs += pattern_specs(self, layer, lambda act, name=name: emit(name, act))
+            else:
+                module, how = self._module_for(layer, kind)
+                specs.append((module, how, make(name, how)))
         if not self._run(input_ids, specs):
             raise RuntimeError(f"hook points never fired on {self.arch}: {sorted(pending)}")
 

@@ -102,6 +102,11 @@ def source_by_slug(session: Session, *, model: str, source: str) -> Row | None:
         _SOURCE_BY_SLUG, {"model": model, "source": source}).first()
 
 
+def head_metrics(session: Session, *, source_id: int) -> dict | None:
+    """A heads source's metrics JSON (workers/head_metrics.py), or None."""
+    return session.scalar(select(Source.head_metrics).where(Source.id == source_id))
+
+
 def dataset(session: Session, *, dataset_id: int) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
