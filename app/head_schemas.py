@@ -27,6 +27,9 @@ class HeadExample(ExampleOut):
     bos_weight: float | None = Field(description="attention from the peak query to the BOS key")
     key_pos: int | None = Field(description="position of the key the peak query attends to most "
                                 "(the BOS key excluded)")
+    rows: list[list[float]] | None = Field(None, description="for the first top examples: per "
+                                           "window token, its own attention row over the "
+                                           "window's keys (float16, as acts)")
 
 
 class HeadInfo(Out):

@@ -13,7 +13,7 @@ from sqlalchemy import inspect, select
 from support import eager_attentions
 
 from app.db.engine import make_engine, transaction, upgrade
-from app.db.tables import ExampleBlock, ExampleGroup, Source, unpack_examples
+from app.db.tables import AttentionRows, ExampleBlock, ExampleGroup, Source, unpack_examples
 from workers.corpus import load_dataset
 from workers.finalize import finalize_source
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
@@ -195,10 +195,14 @@ def test_heads_harvest_is_stored_and_migration_0006_goes_up_and_down(tiny_gpt2_d
         n_blocks = len(session.scalars(select(ExampleBlock.feature_idx).where(
             ExampleBlock.source_id == src.id)).all())
         assert n_blocks >= 4
+        assert len(session.scalars(select(AttentionRows.rank).where(
+            AttentionRows.source_id == src.id)).all()) == 4 * CFG["top_k"]
     upgrade(engine, "0005")
     assert "head_metrics" not in {c["name"] for c in inspect(engine).get_columns("sources")}
+    assert "attention_rows" not in inspect(engine).get_table_names()
     upgrade(engine)
     assert "head_metrics" in {c["name"] for c in inspect(engine).get_columns("sources")}
+    assert "attention_rows" in inspect(engine).get_table_names()
     engine.dispose()
 
 
@@ -211,3 +215,19 @@ def test_heads_flag_is_checked(tiny_gpt2_dir, tmp_path):
         HarvestRunner(RunConfig(db_url=f"sqlite:///{tmp_path / 'x.db'}",
                                 model=str(tiny_gpt2_dir), layers="none", heads="5",
                                 progress_bar=False)).run()
+
+
+def test_attention_rows_of_top_examples_equal_brute_force(setup):
+    from workers.head_metrics import HOVER_EXAMPLES
+
+    lm, ds, specs, cfg, states = setup
+    attn = eager_attentions(lm, ds.tokens)
+    res = finalize_source(specs[1], states["1-attn"], lm=lm, dataset=ds, cfg=cfg)
+    top = states["1-attn"].top
+    assert len(res.attention_rows) == lm.n_heads * min(HOVER_EXAMPLES, cfg.top_k)
+    for head, rank, window, data in res.attention_rows:
+        seq, query = int(top.seq[rank, head]), int(top.pos[rank, head])
+        start = min(max(query - (window - window // 4 - 1), 0), ds.seq_len - window)
+        got = np.frombuffer(data, dtype="<f2").reshape(window, window)
+        want = attn[1][seq, head, start:start + window, start:start + window].half().numpy()
+        np.testing.assert_array_equal(got, want)

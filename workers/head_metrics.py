@@ -17,11 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from workers.accumulate import window_start
 from workers.finalize import N_LOGITS, _sig
 from workers.heads import EXTRAS, METRIC_SUMS, distance_bins, pattern_hook, uniform_pattern
 
 INDUCTION_SEQUENCES = 8
 INDUCTION_MAX_HALF = 64
+HOVER_EXAMPLES = 5
+"""Top examples per head whose every query's attention row is stored (attention_rows)."""
+REPLAY_CHUNK = 16
 
 
 def induction_tokens(lm, seq_len: int, bos_id: int | None, seed: int) -> tuple[Tensor, int]:
@@ -136,6 +140,30 @@ def example_extras(extras: Tensor, score: Tensor) -> list[list[list[float]]]:
     return out
 
 
+def attention_rows(lm, layer: int, tokens: Tensor, top, window: int,
+                   k: int = HOVER_EXAMPLES) -> list[tuple]:
+    """(head, rank, window, data) of the first k top examples of every head of `layer`: data
+    holds the attention row of each query of the example's window over the window's keys,
+    [window, window] float16, from replaying the examples' sequences once."""
+    ok = torch.isfinite(top.score[:k])
+    wanted = sorted(set(top.seq[:k][ok].tolist()))
+    t = tokens.shape[1]
+    rows: dict[tuple[int, int], bytes] = {}
+    for i in range(0, len(wanted), REPLAY_CHUNK):
+        chunk = wanted[i:i + REPLAY_CHUNK]
+        got: list[Tensor] = []
+        lm.run_with_hooks(tokens[chunk].to(lm.device), [pattern_hook(layer)],
+                          lambda name, p, got=got: got.append(p))
+        where = {s: j for j, s in enumerate(chunk)}
+        for rank, head in ok.nonzero().tolist():
+            seq = int(top.seq[rank, head])
+            if seq in where:
+                start = int(window_start(top.pos[rank, head].long(), t, window))
+                block = got[0][where[seq], head, start:start + window, start:start + window]
+                rows[head, rank] = block.half().cpu().numpy().astype("<f2").tobytes()
+    return [(h, r, window, data) for (h, r), data in sorted(rows.items())]
+
+
 def finalize_heads(spec, state, *, lm, dataset, cfg):
     """finalize_source for a heads source: the OV circuit's tokens as its logits, and the
     metrics JSON (with the BOS weight and peak key of every top example) as head_metrics."""
@@ -155,4 +183,6 @@ def finalize_heads(spec, state, *, lm, dataset, cfg):
     details = metrics_json(state.sums, induction[spec.layer], control, copying.cpu())
     details["top_examples"] = example_extras(extras["top"], state.top.score)
     res.head_metrics = details
+    with torch.inference_mode():
+        res.attention_rows = attention_rows(lm, spec.layer, dataset.tokens, state.top, window)
     return res

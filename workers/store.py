@@ -21,6 +21,7 @@ from app.db.bulk import bulk_insert, copy_columns
 from app.db.engine import transaction
 from app.db.tables import (
     SEQUENCE_TOKENS,
+    AttentionRows,
     Dataset,
     ExampleBlock,
     Feature,
@@ -147,6 +148,7 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
                    "frac_active", "n_active", "n_tokens", "histogram", "top_logits",
                    "bottom_logits", "top_tokens")
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
+ROW_COLUMNS = ("source_id", "feature_idx", "rank", "window", "data")
 
 
 @dataclass
@@ -170,6 +172,8 @@ class SourceResult:
     time it is written, its version hash."""
     head_metrics: dict | None = None
     """A heads source's metrics per head (workers/head_metrics.py), as `sources.head_metrics`."""
+    attention_rows: list[tuple] = field(default_factory=list)
+    """A heads source's ROW_COLUMNS after source_id."""
 
 
 def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
@@ -181,10 +185,13 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
             session.execute(delete(ExampleBlock).where(ExampleBlock.source_id == sid))
             session.execute(delete(Feature).where(Feature.source_id == sid))
             session.execute(delete(PeakToken).where(PeakToken.source_id == sid))
+            session.execute(delete(AttentionRows).where(AttentionRows.source_id == sid))
             bulk_insert(session, Feature.__table__, FEATURE_COLUMNS,
                         ((sid, *row) for row in res.features))
             bulk_insert(session, PeakToken.__table__, PEAK_COLUMNS,
                         ((sid, *row) for row in res.peaks))
+            bulk_insert(session, AttentionRows.__table__, ROW_COLUMNS,
+                        ((sid, *row) for row in res.attention_rows))
             for cols in res.blocks:
                 copy_columns(session, ExampleBlock.__table__, BLOCK_COLUMNS,
                              [np.full(len(cols[0]), sid, dtype=np.int32), *cols])

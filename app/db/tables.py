@@ -256,6 +256,23 @@ def _example_heads(window: int) -> np.dtype:
     return example_record(window)[list(EXAMPLE_HEAD.names)]
 
 
+class AttentionRows(Base):
+    """For a head's first top examples (heads sources only): the attention row of every query
+    of the example's window over the window's keys, so that a page shows where each token
+    looked. `data`: [window, window] little-endian float16, row i the query at start + i."""
+
+    __tablename__ = "attention_rows"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True, doc="the top example's")
+    window: Mapped[int] = mapped_column(SmallInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class PeakToken(Base):
     """How many of a feature's top examples peak on a token: `features.top_tokens` indexed by
     token, so a search by token reads a range instead of every feature."""

@@ -31,7 +31,9 @@ def build_head(session: Session, vocabs: queries.VocabCache, src: Row, index: in
     hm = queries.head_metrics(session, source_id=src.id) or {}
     extras = hm.get("top_examples", [])
     extras = extras[index] if index < len(extras) else []
-    base["top"] = [{**ex, "bos_weight": e[0] if e else None, "key_pos": e[1] if e else None}
+    rows = queries.attention_rows(session, source_id=src.id, index=index)
+    base["top"] = [{**ex, "bos_weight": e[0] if e else None, "key_pos": e[1] if e else None,
+                    "rows": _cut_rows(rows.get(ex["rank"]), len(ex["acts"]))}
                    for ex, e in zip(base["top"], [*extras, *[None] * len(base["top"])],
                                     strict=False)]
     metrics, controls = hm.get("metrics", {}), hm.get("controls", {})
@@ -43,6 +45,17 @@ def build_head(session: Session, vocabs: queries.VocabCache, src: Row, index: in
                      in zip(hm.get("distance_bins", []), (hm.get("distance_hist") or [[]] * (
                          index + 1))[index], strict=False)]}
     return HeadPage.model_validate(base)
+
+
+def _cut_rows(rows: list | None, n: int) -> list | None:
+    """The stored rows of an example whose window the sequence cut to n tokens."""
+    return None if rows is None else [list(r[:n]) for r in rows[:n]]
+
+
+def row_text(row) -> str:
+    """A token's attention row as the data attribute the page's script reads: the weights,
+    space separated."""
+    return " ".join(map(str, row))
 
 
 def head_cells(ex, bos_first: bool) -> list[tuple[str, str, str]]:

@@ -83,6 +83,9 @@ def test_head_page_json_equals_brute_force(client, heads_db, attn, layer, head):
                                       row[ex.start:ex.start + len(ex.acts)].half().numpy())
         assert ex.key_pos == int(row[1:].argmax()) + 1
         assert ex.bos_weight == pytest.approx(float(row[0].half()), abs=0)
+        window = a[ex.seq_idx, head, ex.start:ex.start + len(ex.acts),
+                   ex.start:ex.start + len(ex.acts)]  # every window query's row
+        np.testing.assert_array_equal(np.array(ex.rows, dtype=np.float16), window.half().numpy())
     stored = stored_metrics(engine, f"{layer}-attn")
     got = {m.name: (m.value, m.control) for m in page.head.metrics}
     assert list(got) == list(METRICS)
@@ -149,5 +152,17 @@ def test_head_map_cell_opens_its_head_page(browser, live_server, heads_db, artif
     page.wait_for_url(f"**/{model}/1-attn/2")
     assert page.locator("h1").inner_text().endswith("1.2")
     assert page.locator(".head-ex .t.q").count() >= 1
+    # hovering (or focusing) a token recolours its example by that token's own row
+    ex = page.locator(".head-ex[data-rows]").first
+    token = ex.locator(".t[data-row]").nth(5)
+    row = [float(x) for x in token.get_attribute("data-row").split()]
+    token.focus()
+    classes = ex.locator(".toks .t").evaluate_all("els => els.map(e => e.className)")
+    for cls, w in zip(classes, row, strict=True):
+        k = min(round(w * 100), 100)
+        assert (f"a{k}" in cls.split()) == (k > 0), (cls, w)
+    assert "from" in classes[5].split()
+    page.locator("#copy").focus()  # focus leaves the example: the peak query's row is back
+    assert "from" not in ex.locator(".toks .t").nth(5).get_attribute("class").split()
     assert problems == []
     ctx.close()
