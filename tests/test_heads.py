@@ -231,3 +231,33 @@ def test_attention_rows_of_top_examples_equal_brute_force(setup):
         got = np.frombuffer(data, dtype="<f2").reshape(window, window)
         want = attn[1][seq, head, start:start + window, start:start + window].half().numpy()
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_built_with_an_induction_head_has_it_found(tmp_path):
+    """On the hand-wired induction circuit, the harvest's metrics single out head 0.0 as the
+    previous-token head and head 1.0 as the induction head, each equal to its direct
+    computation from the model's eager attention and far above its control."""
+    from support import build_induction_gpt2, gpt2_tokenizer
+
+    from workers.head_metrics import induction_score
+    from workers.models import from_hf_model
+
+    lm = from_hf_model(build_induction_gpt2(), gpt2_tokenizer(), slug="induction",
+                       source="hand-wired")
+    ds = load_dataset("pydoc", lm.tokenizer, seq_len=64, max_tokens=8 * 64)
+    specs = head_sources(lm, [0, 1])
+    cfg = HarvestConfig(**CFG)
+    states = run_harvest(Harvester(lm, ds.tokens, specs, cfg, bos_first=True))
+    got = [finalize_source(s, states[s.slug], lm=lm, dataset=ds, cfg=cfg).head_metrics
+           for s in specs]
+    ids, half = induction_tokens(lm, ds.seq_len, int(ds.tokens[0, 0]), cfg.seed)
+    want = [induction_score(a, half, 1).tolist() for a in eager_attentions(lm, ids)]
+    for layer in (0, 1):
+        np.testing.assert_allclose(got[layer]["metrics"]["induction"], want[layer], rtol=1e-5)
+    induction = got[1]["metrics"]["induction"]
+    assert induction[0] > 0.95 > 10 * got[1]["controls"]["induction"]
+    assert max(induction[1:] + got[0]["metrics"]["induction"]) < 0.1
+    prev = got[0]["metrics"]["previous-token"]
+    assert prev[0] > 0.99 and max(prev[1:]) < 0.2
+    # and the induction head is no previous-token head
+    assert got[1]["metrics"]["previous-token"][0] < 0.5
