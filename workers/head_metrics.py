@@ -166,18 +166,24 @@ def attention_rows(lm, layer: int, tokens: Tensor, top, window: int,
 
 def finalize_heads(spec, state, *, lm, dataset, cfg):
     """finalize_source for a heads source: the OV circuit's tokens as its logits, and the
-    metrics JSON (with the BOS weight and peak key of every top example) as head_metrics."""
+    metrics JSON (with the BOS weight and peak key of every top example) as head_metrics.
+    What every layer shares is computed once per model and kept on it: the unembedding
+    products, and the induction scores of all layers (one pass)."""
     from workers.finalize import finalize_source
 
     window = state.top.windows.shape[-1] - EXTRAS
     extras = split_extras(state, window)
-    if not hasattr(lm, "_unembedding"):
-        lm._unembedding = unembedding(lm)
+    bos_id = int(dataset.tokens[0, 0]) if dataset.bos_policy == "bos-prepended" else None
+    shared = lm.__dict__.setdefault("_head_shared", {})
     with torch.inference_mode():
-        diag, copying = ov_circuit(lm, spec.layer, *lm._unembedding)
-        bos_id = int(dataset.tokens[0, 0]) if dataset.bos_policy == "bos-prepended" else None
-        induction, control = induction_scores(lm, [spec.layer], dataset.seq_len, bos_id,
-                                              cfg.seed)
+        if "unembedding" not in shared:
+            shared["unembedding"] = unembedding(lm)
+        key = ("induction", dataset.seq_len, bos_id, cfg.seed)
+        if key not in shared:
+            shared[key] = induction_scores(lm, list(range(lm.n_layers)), dataset.seq_len,
+                                           bos_id, cfg.seed)
+        diag, copying = ov_circuit(lm, spec.layer, *shared["unembedding"])
+    induction, control = shared[key]
     res = finalize_source(spec, state, lm=lm, dataset=dataset, cfg=cfg,
                           logits=ov_logit_tables(diag.cpu()))
     details = metrics_json(state.sums, induction[spec.layer], control, copying.cpu())
