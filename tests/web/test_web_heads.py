@@ -107,6 +107,10 @@ def test_head_page_marks_the_query_and_shows_metrics_with_controls(client, heads
     assert html.count('class="t') >= len(page.top) * len(page.top[0].acts)
     assert html.count(" q\"") + html.count(" q pk\"") + html.count(" q bos\"") >= len(page.top)
     assert 'id="distance-hist"' in html
+    # the generic views of a source serve a heads source too
+    assert client.get(f"/{model}/1-attn").status_code == 200
+    np_json = client.get(page.links.neuronpedia).json()
+    assert np_json["index"] in ("2", 2)
 
 
 def test_model_page_has_a_head_map_per_metric(client, heads_db):
