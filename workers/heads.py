@@ -146,18 +146,20 @@ def metric_sums(pattern: Tensor, tokens: Tensor, q0: int, k0: int) -> dict[str, 
     return out
 
 
-_control: list = [None, None]
-"""The last batch's control sums and their key: every layer's heads source of a batch shares
-them (they depend on the tokens, not on the layer)."""
+_control: list = [None, None, None]
+"""The last batch's tokens, settings and control sums: every layer's heads source of a batch
+shares them (they depend on the tokens, not on the layer)."""
 
 
-def control_sums(key: tuple, tokens: Tensor, t: int, q0: int, k0: int) -> dict[str, Tensor]:
+def control_sums(tokens: Tensor, q0: int, k0: int) -> dict[str, Tensor]:
     """metric_sums of uniform causal attention on these tokens, computed once per batch."""
-    if _control[0] != key:
-        b = tokens.shape[0]
-        _control[:] = [key, metric_sums(uniform_pattern(t, tokens.device).expand(b, 1, t, t),
-                                        tokens, q0, k0)]
-    return _control[1]
+    last, settings, sums = _control
+    if settings != (q0, k0) or last is None or last.shape != tokens.shape or \
+            last.device != tokens.device or not torch.equal(last, tokens):
+        b, t = tokens.shape
+        sums = metric_sums(uniform_pattern(t, tokens.device).expand(b, 1, t, t), tokens, q0, k0)
+        _control[:] = [tokens, (q0, k0), sums]
+    return sums
 
 
 def uniform_pattern(t: int, device) -> Tensor:
@@ -190,8 +192,7 @@ class HeadAccumulator(Accumulator):
         finally:
             self._pattern = None
         sums = metric_sums(pattern, tokens, self.first, self.k0)
-        control = control_sums((id(self.corpus), seq0, b, t, self.first, self.k0,
-                                str(pattern.device)), tokens, t, self.first, self.k0)
+        control = control_sums(tokens, self.first, self.k0)
         sums.update({f"control:{k}": v for k, v in control.items()})
         for name, v in sums.items():
             have = self.state.sums.get(name)
