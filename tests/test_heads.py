@@ -170,7 +170,7 @@ def test_copying_score_of_a_head_built_to_copy(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     attn, dh = lm._attn(0), lm.d_head
     with torch.no_grad():
-        wv, _ = ov_weights(lm, 0)
+        wv, _, _ = ov_weights(lm, 0)
         attn.o_proj.weight[:, 0:dh] = wv[0]
         attn.o_proj.weight[:, dh:2 * dh] = -wv[1]
         lm.hf_model.model.norm.weight.fill_(1.0)

@@ -57,27 +57,30 @@ def induction_scores(lm, layers: list[int], seq_len: int, bos_id: int | None, se
     return out, float(control[0])
 
 
-def ov_weights(lm, layer: int) -> tuple[Tensor, Tensor]:
+def ov_weights(lm, layer: int) -> tuple[Tensor, Tensor, int]:
     """W_V [H, d_model, d_head] and W_O [H, d_head, d_model] of every query head (float32; a
-    grouped value head repeated for each query head that shares it)."""
+    grouped value head repeated for each query head that shares it), and how many query heads
+    share each value head."""
     attn, h, dh, d = lm._attn(layer), lm.n_heads, lm.d_head, lm.d_model
     if lm.arch == "gpt2":  # Conv1D weights are [in, out]
         wv = attn.c_attn.weight[:, 2 * d:].float().view(d, h, dh).permute(1, 0, 2)
-        wo = attn.c_proj.weight.float().view(h, dh, d)
-    else:
-        v = attn.v_proj.weight.float()  # [kv * dh, d]
-        wv = v.T.reshape(d, -1, dh).permute(1, 0, 2).repeat_interleave(h * dh // v.shape[0], 0)
-        wo = attn.o_proj.weight.float().T.reshape(h, dh, d)
-    return wv, wo
+        return wv, attn.c_proj.weight.float().view(h, dh, d), 1
+    v = attn.v_proj.weight.float()  # [kv * dh, d]
+    group = h * dh // v.shape[0]
+    wv = v.T.reshape(d, -1, dh).permute(1, 0, 2).repeat_interleave(group, 0)
+    return wv, attn.o_proj.weight.float().T.reshape(h, dh, d), group
 
 
 def ov_circuit(lm, layer: int, unembed: Tensor, embed_unembed: Tensor) -> tuple[Tensor, Tensor]:
     """Per head: the OV circuit's diagonal [H, vocab] (how much attending to token t raises t's
     own logit) and the copying score [H]. unembed: direct logit attribution of each residual
     basis vector [d_model, vocab]; embed_unembed: unembed @ W_E [d_model, d_model]."""
-    wv, wo = (w.to(unembed.device) for w in ov_weights(lm, layer))
+    wv, wo, group = ov_weights(lm, layer)
+    wv, wo = wv.to(unembed.device), wo.to(unembed.device)
     embed = lm.hf_model.get_input_embeddings().weight.float()
-    diag = torch.stack([((embed @ wv[i]) * (wo[i] @ unembed).T).sum(1) for i in range(len(wv))])
+    values = [embed @ wv[g * group] for g in range(len(wv) // group)]  # one per value head
+    diag = torch.stack([(values[i // group] * (wo[i] @ unembed).T).sum(1)
+                        for i in range(len(wv))])
     eig = torch.linalg.eigvals((wo @ embed_unembed @ wv).double())
     return diag, (eig.real.sum(-1) / eig.abs().sum(-1).clamp_min(1e-300)).float()
 
