@@ -35,7 +35,8 @@ class HeadExample(ExampleOut):
 class HeadInfo(Out):
     head: int
     metrics: list[HeadMetric]
-    distance: list[DistanceBin]
+    distance: list[DistanceBin] = Field(description="attention by distance, up to the last bin "
+                                        "that holds any")
 
 
 class HeadPage(FeaturePage):

@@ -37,13 +37,16 @@ def build_head(session: Session, vocabs: queries.VocabCache, src: Row, index: in
                    for ex, e in zip(base["top"], [*extras, *[None] * len(base["top"])],
                                     strict=False)]
     metrics, controls = hm.get("metrics", {}), hm.get("controls", {})
+    hist = hm.get("distance_hist") or []
+    bins = [{"lo": lo, "hi": None if hi < 0 else hi, "mass": mass} for (lo, hi), mass in zip(
+        hm.get("distance_bins", []), hist[index] if index < len(hist) else [], strict=False)]
+    while len(bins) > 1 and bins[-1]["mass"] == 0:  # distances the sequences are too short for
+        bins.pop()
     base["head"] = {
         "head": index,
         "metrics": [{"name": m, "value": metrics[m][index], "control": controls[m]}
                     for m in METRICS if m in metrics],
-        "distance": [{"lo": lo, "hi": None if hi < 0 else hi, "mass": mass} for (lo, hi), mass
-                     in zip(hm.get("distance_bins", []), (hm.get("distance_hist") or [[]] * (
-                         index + 1))[index], strict=False)]}
+        "distance": bins}
     return HeadPage.model_validate(base)
 
 
