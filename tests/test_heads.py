@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import inspect, select
-from support import eager_attentions
+from support import eager_attentions, fresh_pg_url, needs_postgres
 
 from app.db.engine import make_engine, transaction, upgrade
 from app.db.tables import AttentionRows, ExampleBlock, ExampleGroup, Source, unpack_examples
@@ -180,8 +180,14 @@ def test_copying_score_of_a_head_built_to_copy(tiny_llama_dir):
     assert abs(copying[2].item()) < 0.9
 
 
-def test_heads_harvest_is_stored_and_migration_0006_goes_up_and_down(tiny_gpt2_dir, tmp_path):
-    url = f"sqlite:///{tmp_path / 'fs.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_heads_harvest_is_stored_and_migration_0006_goes_up_and_down(tiny_gpt2_dir, tmp_path,
+                                                                     backend):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fs.db'}"
+    else:
+        needs_postgres()
+        url = fresh_pg_url("heads_store")
     result = HarvestRunner(RunConfig(db_url=url, model=str(tiny_gpt2_dir), dataset="pydoc",
                                      layers="none", heads="1", max_tokens=16 * 32, seq_len=32,
                                      harvest=HarvestConfig(**CFG), progress_bar=False)).run()
