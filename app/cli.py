@@ -63,7 +63,8 @@ def _harvest(args: argparse.Namespace, settings: Settings) -> int:
         disable_progress_bar()
     cfg = RunConfig(
         db_url=args.db or settings.db_url, model=args.model, dataset=args.dataset,
-        layers=args.layers, saes=args.sae, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        layers=args.layers, saes=args.sae, heads=args.heads, max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
         harvest=HarvestConfig(top_k=args.top_k, shard_sequences=args.shard_sequences,
                               window=window, compile=not args.no_compile, dtype=args.dtype,
                               relations=args.relations),
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in name (pydoc, austen), a .txt/.jsonl/.parquet file or hf:NAME")
     h.add_argument("--layers", default="all",
                    help="neurons of which layers: 'all', 'none', '0,5,11' or '2-4'")
+    h.add_argument("--heads", default="none",
+                   help="attention heads of which layers (sources {L}-attn): 'all', 'none', "
+                   "'0,5,11' or '2-4'")
     h.add_argument("--sae", action="append", default=[], metavar="DIR",
                    help="an SAE folder (SAELens layout) or Gemma Scope params.npz; repeatable")
     h.add_argument("--max-tokens", type=int, default=None, help="cap on corpus tokens")

@@ -51,6 +51,7 @@ from app.routes import (
     trial,
 )
 from app.routes.access import Access, is_loopback, requires
+from app.routes.heads import head_cells, row_text
 from app.routes.intervention_present import GLOBALS as INTERVENTION_GLOBALS
 from app.routes.present import GLOBALS
 
@@ -89,7 +90,8 @@ def make_templates(build: str) -> Jinja2Templates:
     env = Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=select_autoescape(),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                       auto_reload=False)
-    env.globals.update(GLOBALS, **INTERVENTION_GLOBALS, urls=urls, build=build, has_htmx=HTMX.is_file())
+    env.globals.update(GLOBALS, **INTERVENTION_GLOBALS, head_cells=head_cells, row_text=row_text,
+                       urls=urls, build=build, has_htmx=HTMX.is_file())
     return Jinja2Templates(env=env)
 
 

@@ -72,9 +72,39 @@ class HomePage(Out):
     models: list[ModelOut]
 
 
+class HeadCell(Out):
+    """One head of the head map."""
+
+    head: int
+    value: float
+    url: str = Field(description="the head's page")
+
+
+class HeadLayer(Out):
+    layer: int
+    source: str
+    control: float | None = Field(description="the metric of uniform causal attention")
+    heads: list[HeadCell]
+
+
+class MetricLink(Out):
+    name: str
+    url: str = Field(description="the model page with its head map coloured by this metric")
+
+
+class HeadMap(Out):
+    metric: str
+    metrics: list[MetricLink]
+    layers: list[HeadLayer] = Field(description="the heads sources of the model, by layer")
+    lo: float = Field(description="the smallest value on the map")
+    hi: float = Field(description="the largest value on the map")
+
+
 class ModelPage(Out):
     ok: Literal[True] = True
     model: ModelOut
+    head_map: HeadMap | None = Field(None, description="its attention heads coloured by one "
+                                     "metric (`?metric=`), where it has heads sources")
 
 
 class SaeMetrics(Out):

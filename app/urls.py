@@ -36,8 +36,9 @@ def home() -> str:
     return "/"
 
 
-def model(model: str) -> str:
-    return f"/{_seg(model)}"
+def model(model: str, metric: str | None = None) -> str:
+    """A model's page; `metric` colours its head map (induction, the default, left out)."""
+    return _with_query(f"/{_seg(model)}", {"metric": None if metric == "induction" else metric})
 
 
 def source(model: str, source: str, *, sort: str | None = None, order: str | None = None,

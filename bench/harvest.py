@@ -1,12 +1,14 @@
 """Harvest cost against the bare forward passes on the same batches, measured in one run.
 
-    .venv/bin/python bench/harvest.py [--batches 8] [--layers all] [--no-compile] [--sae DIR]
+    .venv/bin/python bench/harvest.py [--batches 8] [--layers all] [--heads none] [--no-compile]
+                                      [--sae DIR]
 
 Prints the harvest's wall time over two baselines on the same batches: the model's own forward
 pass (`model(input_ids)`, LM head included), and the truncated pass the harvest runs (blocks up to
 the last needed layer, no LM head, plus the SAE encode for SAE sources), whose ratio is the
-bookkeeping's own overhead. Also tokens per second, and bytes on disk per feature once written to
-a SQLite file. Bare and harvest passes alternate
+bookkeeping's own overhead (with --heads, the recomputed attention patterns included:
+`--layers none --heads all` measures the heads alone, target <= 1.5). Also tokens per second,
+and bytes on disk per feature once written to a SQLite file. Bare and harvest passes alternate
 and each figure is the best of --repeats rounds, so both see the same machine load.
 """
 
@@ -26,6 +28,7 @@ from workers import store
 from workers.corpus import load_dataset
 from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources
+from workers.heads import head_sources
 from workers.models import load_model
 from workers.runner import parse_layers
 
@@ -78,6 +81,7 @@ def main() -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--layers", default="all")
+    p.add_argument("--heads", default="none", help="layers whose attention heads are harvested")
     p.add_argument("--sae", action="append", default=[])
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
@@ -96,6 +100,7 @@ def main() -> None:
     ds = load_dataset(args.dataset, lm.tokenizer, seq_len=args.seq_len,
                       max_tokens=n_seq * args.seq_len, cache_dir=Path(args.cache_dir))
     specs = neuron_sources(lm, parse_layers(args.layers, lm.n_layers))
+    specs += head_sources(lm, parse_layers(args.heads, lm.n_layers, "--heads"))
     if args.sae:
         from workers.sae import sae_sources
 

@@ -84,6 +84,40 @@
     el.click();
   });
 
+  // Head examples with stored rows (data-rows): hovering or focusing a token recolours the
+  // example by that token's own attention row (its data-row: the weights, space separated);
+  // leaving the example restores the peak query's row.
+  const ALPHA = /^(a\d+|s)$/;
+
+  function showRow(span) {
+    const ex = span.closest("[data-rows]");
+    const weights = span.dataset.row.split(" ").map(Number);
+    ex.querySelectorAll(".toks .t").forEach((s, i) => {
+      if (!("cls" in s.dataset)) s.dataset.cls = s.className;
+      const cls = s.dataset.cls.split(" ").filter((c) => !ALPHA.test(c) && c !== "from");
+      const k = Math.min(Math.round((weights[i] || 0) * 100), 100);
+      if (k > 0) cls.push(`a${k}`);
+      if (s === span) cls.push("from");
+      s.className = cls.join(" ");
+    });
+  }
+
+  function restoreRows(ex) {
+    ex.querySelectorAll(".toks .t").forEach((s) => {
+      if ("cls" in s.dataset) s.className = s.dataset.cls;
+    });
+  }
+
+  const rowSpan = (el) => el && el.closest && el.closest("[data-rows] .t[data-row]");
+  const leaving = (ev) => {
+    const ex = ev.target.closest && ev.target.closest("[data-rows]");
+    if (ex && !ex.contains(ev.relatedTarget)) restoreRows(ex);
+  };
+  document.addEventListener("mouseover", (ev) => { const s = rowSpan(ev.target); if (s) showRow(s); });
+  document.addEventListener("focusin", (ev) => { const s = rowSpan(ev.target); if (s) showRow(s); });
+  document.addEventListener("mouseout", leaving);
+  document.addEventListener("focusout", leaving);
+
   // After htmx swaps in another feature, hide a tooltip left from the old one.
   document.addEventListener("htmx:afterSwap", () => {
     const tip = document.getElementById("tip");

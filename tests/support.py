@@ -95,6 +95,64 @@ def build_tiny_llama():
     return model
 
 
+def build_induction_gpt2():
+    """The tiny GPT-2 wired by hand into an induction circuit (every other weight zero): tokens in
+    dims 0-15, positions as rotating pairs in 16-31; head 0.0 attends to the previous position
+    (query: the position, key: the position turned one step) and copies that token into dims
+    32-47; head 1.0 attends to the key whose previous token is the query's own token."""
+    import math
+
+    import torch
+
+    m = build_tiny_gpt2()
+    d, dh, beta = 64, 16, 100.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for blk in m.transformer.h:
+            for ln in (blk.ln_1, blk.ln_2):
+                ln.weight.fill_(1.0)
+        m.transformer.ln_f.weight.fill_(1.0)
+        m.transformer.wte.weight[:, :dh] = torch.randn(m.config.vocab_size, dh, generator=g)
+        n_pos = m.config.n_positions
+        freqs = torch.tensor([0.15 * 1.4 ** i for i in range(dh // 2)])
+        ang = torch.arange(n_pos)[:, None] * freqs[None, :]
+        m.transformer.wpe.weight[:, dh:2 * dh:2] = torch.cos(ang) * 2
+        m.transformer.wpe.weight[:, dh + 1:2 * dh:2] = torch.sin(ang) * 2
+        # layer 0, head 0: query position i, key rotated one step: peaks at key i - 1
+        a0 = m.transformer.h[0].attn
+        rot = torch.zeros(dh, dh)
+        for f in range(dh // 2):
+            c, s = math.cos(freqs[f]), math.sin(freqs[f])
+            rot[2 * f:2 * f + 2, 2 * f:2 * f + 2] = torch.tensor([[c, -s], [s, c]])
+        w = a0.c_attn.weight  # [d, 3d]: q | k | v, head 0 = first dh of each
+        w[dh:2 * dh, 0:dh] = torch.eye(dh) * beta
+        w[dh:2 * dh, d:d + dh] = rot.T
+        w[0:dh, 2 * d:2 * d + dh] = torch.eye(dh)  # value: the token
+        a0.c_proj.weight[0:dh, 2 * dh:3 * dh] = torch.eye(dh)  # into dims 32..47
+        # layer 1, head 0: query the token, key the previous token's copy
+        a1 = m.transformer.h[1].attn
+        w = a1.c_attn.weight
+        w[0:dh, 0:dh] = torch.eye(dh) * beta / 4
+        w[2 * dh:3 * dh, d:d + dh] = torch.eye(dh)
+    return m
+
+
+def eager_attentions(lm, tokens) -> list:
+    """Every layer's attention probabilities [N, H, T, T] (float32) from the model's eager
+    attention (`output_attentions=True`); the model goes back to SDPA after."""
+    import torch
+
+    lm.hf_model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            return [a.float() for a in lm.hf_model(input_ids=tokens, output_attentions=True,
+                                                   use_cache=False).attentions]
+    finally:
+        lm.hf_model.set_attn_implementation("sdpa")
+
+
 def assert_states_equal(a, b):
     """Two harvests' states are the same, feature for feature (sums to float64 rounding)."""
     import torch

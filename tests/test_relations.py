@@ -129,11 +129,11 @@ def test_a_harvest_writes_its_relations(db_url, tmp_path, tiny_gpt2_dir):
 
 def test_migration_0007_goes_up_and_down(db_url):
     engine = make_engine(db_url)
-    upgrade(engine, "0005")
+    upgrade(engine, "0006")
     assert "relations" not in inspect(engine).get_table_names()
     upgrade(engine)
     assert "relations" in inspect(engine).get_table_names()
     assert {"ix_relations_other"} <= {i["name"] for i in inspect(engine).get_indexes("relations")}
-    upgrade(engine, "0005")
+    upgrade(engine, "0006")
     assert "relations" not in inspect(engine).get_table_names()
     engine.dispose()

@@ -58,6 +58,8 @@ class Accumulator:
     ):
         self.n_features = n_features
         self.window = window
+        self.width = window
+        """Values kept per window in the pool (a subclass may keep more than `window`)."""
         self.first = first
         self.seed = seed
         self.reduce_fn = reduce_fn
@@ -159,19 +161,23 @@ class Accumulator:
         n = rows.numel()
         if n == 0:
             return
-        t = acts.shape[1]
         b = ranking.seq[rows, feats] - seq0
-        start = window_start(ranking.pos[rows, feats].long(), t, self.window)
-        tok = start[:, None] + torch.arange(self.window, device=acts.device)
-        self._chunks.append(acts[b[:, None], tok, feats[:, None]].to(torch.float16))
+        self._chunks.append(self._cut(acts, b, feats, ranking.pos[rows, feats].long()))
         ranking.slot[rows, feats] = torch.arange(
             self._pool_size, self._pool_size + n, device=acts.device)
         self._pool_size += n
 
+    def _cut(self, acts: Tensor, b: Tensor, feats: Tensor, pos: Tensor) -> Tensor:
+        """The float16 windows [n, width] of n entering candidates: batch rows b, features
+        feats, peaks at pos."""
+        start = window_start(pos, acts.shape[1], self.window)
+        tok = start[:, None] + torch.arange(self.window, device=acts.device)
+        return acts[b[:, None], tok, feats[:, None]].to(torch.float16)
+
     def _pool(self) -> Tensor:
         if not self._chunks:
             dev = self.state.top.score.device
-            return torch.zeros(0, self.window, dtype=torch.float16, device=dev)
+            return torch.zeros(0, self.width, dtype=torch.float16, device=dev)
         pool = torch.cat(self._chunks)
         self._chunks = [pool]
         return pool
@@ -195,7 +201,7 @@ class Accumulator:
         if self.sync_free:
             return self.state
         pool = self._pool()
-        pool = torch.cat([pool, pool.new_zeros(1, self.window)])
+        pool = torch.cat([pool, pool.new_zeros(1, self.width)])
         for ranking in self.state.rankings().values():
             idx = torch.where(ranking.slot >= 0, ranking.slot, pool.shape[0] - 1)
             ranking.windows = pool[idx]

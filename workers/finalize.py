@@ -134,12 +134,17 @@ def _by_feature(parts: list[list]) -> list:
             for c in cols]
 
 
-def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: HarvestConfig
-                    ) -> SourceResult:
+def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: HarvestConfig,
+                    logits: tuple[list, list] | None = None) -> SourceResult:
     """One source's rows: statistics, direct logit attribution from its output directions
-    (spec.directions), the tokens its top examples peak on, and its example blocks (top,
-    bottom, the quantile groups picked from the sample)."""
-    tops, bottoms = logit_tables(lm, spec.directions())
+    (spec.directions; or the given top and bottom `logits`), the tokens its top examples peak
+    on, and its example blocks (top, bottom, the quantile groups picked from the sample).
+    A heads source goes through workers/head_metrics.py, which comes back here."""
+    if spec.kind == "heads" and logits is None:
+        from workers.head_metrics import finalize_heads
+
+        return finalize_heads(spec, state, lm=lm, dataset=dataset, cfg=cfg)
+    tops, bottoms = logits if logits is not None else logit_tables(lm, spec.directions())
     st = state
     peak_tok = dataset.tokens[st.top.seq.clamp(max=len(dataset.tokens) - 1), st.top.pos.long()]
     top_tokens = top_token_counts(peak_tok, torch.isfinite(st.top.score))
@@ -178,9 +183,9 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
 def add_direction_relations(specs: list[SourceSpec], results: list[SourceResult]) -> None:
     """Append every source's cosine lists (within it, and across the harvest's other sources
     of the same width) to its result."""
-    rows = direction_rows({s.slug: s.directions() for s in specs})
+    rows = direction_rows({s.slug: s.directions() for s in specs if s.directions is not None})
     for res in results:
-        res.relations += rows[res.slug]
+        res.relations += rows.get(res.slug, [])
 
 
 def finalize(lm, dataset, specs: list[SourceSpec], states: dict[str, SourceState],

@@ -115,7 +115,7 @@ class SourceSpec:
     """A set of units read at one hook point: a layer's neurons or one SAE's features."""
 
     slug: str
-    kind: str  # "neurons" | "sae"
+    kind: str  # "neurons" | "sae" | "heads"
     hook_name: str
     layer: int
     n_features: int
@@ -228,17 +228,21 @@ class Harvester:
     def n_shards(self) -> int:
         return len(self.shards)
 
+    def _accumulator(self, spec: SourceSpec, device) -> Accumulator:
+        kw = dict(top_k=self.cfg.top_k, sample_size=self.cfg.sample_size, window=self.window,
+                  bottom=spec.bottom, first=self.first, seed=self.cfg.seed, device=device,
+                  reduce_fn=self.reduce_fn, sync_free=self.sync_free, native=self.native)
+        if spec.kind == "heads":
+            from workers.heads import HeadAccumulator
+
+            return HeadAccumulator(spec.n_features, corpus=self.tokens, bos_key=self.first == 1,
+                                   **kw)
+        return Accumulator(spec.n_features, cofire=self.cfg.relations, **kw)
+
     def run_shard(self, shard: int, progress: Callable[[int], None] | None = None
                   ) -> dict[str, SourceState]:
         device = self.lm.device
-        accs = {
-            s.slug: Accumulator(
-                s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
-                window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
-                device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free,
-                native=self.native, cofire=self.cfg.relations)
-            for s in self.sources
-        }
+        accs = {s.slug: self._accumulator(s, device) for s in self.sources}
         by_hook: dict[str, list[SourceSpec]] = {}
         for s in self.sources:
             by_hook.setdefault(s.hook_name, []).append(s)

@@ -9,6 +9,9 @@ Hook points use TransformerLens/SAELens names, `blocks.{L}.{kind}`:
 all of those are [batch, seq, d_model]. Interventions may also edit `attn.hook_z`: the output of
 every attention head before the output projection, [batch, seq, n_heads * d_head] (head h is
 the slice `h * d_head : (h + 1) * d_head`), i.e. TransformerLens's hook_z with heads flattened.
+Harvests may also read `blocks.{L}.attn.hook_pattern`: every query head's attention
+probabilities [batch, n_heads, query, key] in float32, recomputed from the layer's own
+projections (workers/heads.py) whatever attention implementation the model runs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ _SANDWICH_NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_laye
                    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm")}
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")")
 _Z_RE = re.compile(r"blocks\.(\d+)\.attn\.hook_z")
+_PATTERN_RE = re.compile(r"blocks\.(\d+)\.attn\.hook_pattern")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -139,9 +143,11 @@ class LoadedModel:
     def _down_proj(self, layer: int) -> torch.nn.Module:
         return getattr(self._blocks()[layer].mlp, _DOWN_PROJ.get(self.arch, "down_proj"))
 
+    def _attn(self, layer: int) -> torch.nn.Module:
+        return getattr(self._blocks()[layer], _ATTN.get(self.arch, "self_attn"))
+
     def _o_proj(self, layer: int) -> torch.nn.Module:
-        attn = getattr(self._blocks()[layer], _ATTN.get(self.arch, "self_attn"))
-        return getattr(attn, _O_PROJ.get(self.arch, "o_proj"))
+        return getattr(self._attn(layer), _O_PROJ.get(self.arch, "o_proj"))
 
     @property
     def n_heads(self) -> int:
@@ -172,6 +178,13 @@ class LoadedModel:
                                    f"0..{self.n_layers - 1}")
         return layer, kind
 
+    def _check_read(self, name: str) -> tuple[int, str]:
+        """_check, also accepting `blocks.{L}.attn.hook_pattern`."""
+        m = _PATTERN_RE.fullmatch(name) if isinstance(name, str) else None
+        if m is None:
+            return self._check(name)
+        return self._check(f"blocks.{m.group(1)}.hook_attn_out")[0], "attn.hook_pattern"
+
     def hook_shape_dim(self, hook_name: str) -> int:
         """The last dimension of the activation at `hook_name`: d_mlp or d_model."""
         return self.d_mlp if self._check(hook_name)[1] == "mlp.hook_post" else self.d_model
@@ -184,6 +197,8 @@ class LoadedModel:
             for module, how, fn in specs:
                 if how == "out":
                     handles.append(module.register_forward_hook(fn))
+                elif how == "call":  # fn(module, args, kwargs, output)
+                    handles.append(module.register_forward_hook(fn, with_kwargs=True))
                 else:
                     handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
             yield
@@ -207,27 +222,34 @@ class LoadedModel:
         `act` is the live tensor (no copy). The pass stops as soon as every requested hook point
         has fired: later layers and the LM head never run.
         """
-        parsed = [(name, *self._check(name)) for name in dict.fromkeys(hook_names)]
+        parsed = [(name, *self._check_read(name)) for name in dict.fromkeys(hook_names)]
         if not parsed:
             return
         pending = {name for name, _, _ in parsed}
 
+        def emit(name: str, act: torch.Tensor) -> None:
+            callback(name, act)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
         def make(name: str, how: str) -> Callable:
             def hook(module, args, third):  # third: the output, or the kwargs of a pre-hook
                 if how == "out":
-                    act = _first(third)
+                    emit(name, _first(third))
                 else:  # the hidden states come positionally or by keyword
-                    act = args[0] if args else third["hidden_states"]
-                callback(name, act)
-                pending.discard(name)
-                if not pending:
-                    raise _StopForward
+                    emit(name, args[0] if args else third["hidden_states"])
             return hook
 
         specs = []
         for name, layer, kind in parsed:
-            module, how = self._module_for(layer, kind)
-            specs.append((module, how, make(name, how)))
+            if kind == "attn.hook_pattern":
+                from workers.heads import pattern_specs
+
+                specs += pattern_specs(self, layer, lambda act, name=name: emit(name, act))
+            else:
+                module, how = self._module_for(layer, kind)
+                specs.append((module, how, make(name, how)))
         if not self._run(input_ids, specs):
             raise RuntimeError(f"hook points never fired on {self.arch}: {sorted(pending)}")
 

@@ -26,17 +26,17 @@ class PlanError(ValueError):
     """The sources asked for do not fit the model, or there are none."""
 
 
-def check_layers(text: str) -> str:
+def check_layers(text: str, flag: str = "--layers") -> str:
     """The layers spec without spaces, if it is 'all', 'none', '0,5,11' or '2-4' (mixed:
     '0,2-4'); raises PlanError otherwise."""
     if not isinstance(text, str) or not _LAYERS_RE.fullmatch(text.replace(" ", "")):
-        raise PlanError(f"--layers expects 'all', 'none', '0,5,11' or '2-4', got {text!r}")
+        raise PlanError(f"{flag} expects 'all', 'none', '0,5,11' or '2-4', got {text!r}")
     return text.replace(" ", "")
 
 
-def parse_layers(text: str, n_layers: int) -> list[int]:
+def parse_layers(text: str, n_layers: int, flag: str = "--layers") -> list[int]:
     """A layers spec (see check_layers) -> sorted layer indices, checked against n_layers."""
-    text = check_layers(text)
+    text = check_layers(text, flag)
     if text in ("all", "none"):
         return list(range(n_layers)) if text == "all" else []
     layers: set[int] = set()
@@ -44,7 +44,7 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
         lo, _, hi = part.partition("-")
         layers.update(range(int(lo), int(hi or lo) + 1))
     if not layers or max(layers) >= n_layers:
-        raise PlanError(f"the model has layers 0..{n_layers - 1}; got {text!r}")
+        raise PlanError(f"{flag}: the model has layers 0..{n_layers - 1}; got {text!r}")
     return sorted(layers)
 
 
@@ -60,6 +60,8 @@ class HarvestPlan:
     saes: list[str] = field(default_factory=list)
     """SAE folders (SAELens layout) or Gemma Scope params.npz files."""
     cfg: HarvestConfig = field(default_factory=HarvestConfig)
+    heads: list[int] = field(default_factory=list)
+    """Layers whose attention heads are harvested (sources `{L}-attn`)."""
     device: str = "cpu"
     cache_dir: str | None = None
     skip: list[str] = field(default_factory=list)
@@ -76,8 +78,9 @@ class HarvestPlan:
 
     def sources(self, lm) -> list[SourceSpec]:
         from workers.harvest import neuron_sources
+        from workers.heads import head_sources
 
-        specs = neuron_sources(lm, self.layers)
+        specs = neuron_sources(lm, self.layers) + head_sources(lm, self.heads)
         if self.saes:
             from workers.sae import sae_sources
 
@@ -99,6 +102,8 @@ class RunConfig:
     """The layers whose neurons are harvested: 'all', 'none', '0,5,11' or '2-4'."""
     saes: list[str] = field(default_factory=list)
     """SAE folders (SAELens layout) or Gemma Scope params.npz files, one source each."""
+    heads: str = "none"
+    """The layers whose attention heads are harvested, as for `layers`."""
     max_tokens: int | None = None
     """Cap on the corpus tokens (None: all of it)."""
     seq_len: int = 128
@@ -131,6 +136,7 @@ class RunConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         self.layers = check_layers(self.layers)
+        self.heads = check_layers(self.heads, "--heads")
         for name in ("batch_size", "max_tokens", "ray_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -186,8 +192,10 @@ class HarvestRunner:
             lm = load_model(cfg.model, device=device, dtype=DTYPES[cfg.harvest.dtype],
                             cache_dir=cfg.cache_dir)
             layers = parse_layers(cfg.layers, lm.n_layers)
+            heads = parse_layers(cfg.heads, lm.n_layers, "--heads")
             ready = store.ready_sources(engine, lm.slug) if cfg.skip_existing else set()
             plan = HarvestPlan(model=cfg.model, layers=layers, saes=cfg.saes, cfg=cfg.harvest,
+                               heads=heads,
                                device=device, cache_dir=None if cfg.cache_dir is None
                                else str(cfg.cache_dir))
             asked = plan.sources(lm)
@@ -197,7 +205,7 @@ class HarvestRunner:
                 if skipped:
                     return RunResult(lm.slug, written=[], skipped=skipped,
                                      database=_shown(engine))
-                raise PlanError("nothing to harvest: --layers none and no --sae")
+                raise PlanError("nothing to harvest: --layers none, --heads none and no --sae")
             return self._run(replace(plan, skip=skipped), lm, specs, skipped, engine)
         finally:
             engine.dispose()

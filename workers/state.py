@@ -203,6 +203,8 @@ class SourceState:
     shards: frozenset[int] = field(default_factory=frozenset)
     cofire: CoFiring | None = None
     """Co-firing statistics (workers/relations.py), where the harvest keeps them."""
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    """Further per-source totals that merge by addition (a heads source's metric sums)."""
 
     def rankings(self) -> dict[str, Ranked]:
         out = {"top": self.top, "sample": self.sample}
@@ -222,6 +224,7 @@ class SourceState:
             n_sequences=self.n_sequences + other.n_sequences,
             shards=self.shards | other.shards,
             cofire=None if self.cofire is None else self.cofire.merge(other.cofire),
+            sums={k: v + other.sums[k] for k, v in self.sums.items()},
         )
 
     def to(self, device: torch.device | str) -> SourceState:
@@ -238,4 +241,5 @@ class SourceState:
                 st.n_active, st.sum, st.sumsq, st.max, st.min, st.hist))),
             n_sequences=self.n_sequences, shards=self.shards,
             cofire=None if self.cofire is None else self.cofire.to(device),
+            sums={k: v.to(device) for k, v in self.sums.items()},
         )

@@ -21,6 +21,7 @@ from app.db.bulk import bulk_insert, copy_columns
 from app.db.engine import transaction
 from app.db.tables import (
     SEQUENCE_TOKENS,
+    AttentionRows,
     Dataset,
     ExampleBlock,
     Feature,
@@ -150,6 +151,7 @@ FEATURE_COLUMNS = ("source_id", "idx", "max_act", "min_act", "mean_act", "std_ac
 PEAK_COLUMNS = ("source_id", "token_id", "feature_idx", "count")
 RELATION_COLUMNS = ("source_id", "feature_idx", "kind", "rank", "other_source_id", "other_idx",
                     "value")
+ROW_COLUMNS = ("source_id", "feature_idx", "rank", "window", "data")
 
 
 @dataclass
@@ -174,6 +176,10 @@ class SourceResult:
     relations: list[tuple] = field(default_factory=list)
     """Its lists of related features (workers/relations.py): (feature index, kind, rank, other
     source's slug, other feature index, value), the other source one of the same harvest."""
+    head_metrics: dict | None = None
+    """A heads source's metrics per head (workers/head_metrics.py), as `sources.head_metrics`."""
+    attention_rows: list[tuple] = field(default_factory=list)
+    """A heads source's ROW_COLUMNS after source_id."""
 
 
 def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
@@ -189,6 +195,7 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
             session.execute(delete(ExampleBlock).where(ExampleBlock.source_id == sid))
             session.execute(delete(Feature).where(Feature.source_id == sid))
             session.execute(delete(PeakToken).where(PeakToken.source_id == sid))
+            session.execute(delete(AttentionRows).where(AttentionRows.source_id == sid))
             bulk_insert(session, Feature.__table__, FEATURE_COLUMNS,
                         ((sid, *row) for row in res.features))
             bulk_insert(session, PeakToken.__table__, PEAK_COLUMNS,
@@ -196,6 +203,8 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
             bulk_insert(session, Relation.__table__, RELATION_COLUMNS,
                         ((sid, f, kind, rank, reg.source_ids[other], j, v)
                          for f, kind, rank, other, j, v in res.relations))
+            bulk_insert(session, AttentionRows.__table__, ROW_COLUMNS,
+                        ((sid, *row) for row in res.attention_rows))
             for cols in res.blocks:
                 copy_columns(session, ExampleBlock.__table__, BLOCK_COLUMNS,
                              [np.full(len(cols[0]), sid, dtype=np.int32), *cols])
@@ -204,7 +213,8 @@ def write(engine: Engine, reg: Registered, results: list[SourceResult]) -> None:
                                                 default=str).encode()).hexdigest()[:20]
             session.execute(update(Source).where(Source.id == sid).values(
                 status=SourceStatus.ready, progress_tokens=res.n_tokens,
-                finished_at=finished, version_hash=version, error=None))
+                finished_at=finished, version_hash=version, error=None,
+                head_metrics=res.head_metrics))
     log.info("stored %d sources", len(results))
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import (
     SEQUENCE_TOKENS,
+    AttentionRows,
     Dataset,
     ExampleBlock,
     ExampleGroup,
@@ -100,6 +101,23 @@ def source_by_slug(session: Session, *, model: str, source: str) -> Row | None:
     """One source with what its pages need of its model and dataset, or None."""
     return session.connection().execute(
         _SOURCE_BY_SLUG, {"model": model, "source": source}).first()
+
+
+def head_metrics(session: Session, *, source_id: int) -> dict | None:
+    """A heads source's metrics JSON (workers/head_metrics.py), or None."""
+    return session.scalar(select(Source.head_metrics).where(Source.id == source_id))
+
+
+def attention_rows(session: Session, *, source_id: int, index: int) -> dict[int, list[Seq[float]]]:
+    """A head's stored attention rows by top-example rank: per window token, its query's
+    weights on the window's keys (decoded as decode_acts decodes)."""
+    out = {}
+    for rank, window, data in session.execute(
+            select(AttentionRows.rank, AttentionRows.window, AttentionRows.data).where(
+                AttentionRows.source_id == source_id, AttentionRows.feature_idx == index)):
+        flat = decode_acts(data, window * window)
+        out[rank] = [flat[i * window:(i + 1) * window] for i in range(window)]
+    return out
 
 
 def dataset(session: Session, *, dataset_id: int) -> Dataset | None:

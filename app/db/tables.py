@@ -50,6 +50,7 @@ class BosPolicy(enum.StrEnum):
 class SourceKind(enum.StrEnum):
     neurons = "neurons"
     sae = "sae"
+    heads = "heads"
 
 
 class Model(Base):
@@ -123,6 +124,8 @@ class Source(Base):
     n_features: Mapped[int] = mapped_column(Integer)
     sae_config: Mapped[dict | None] = mapped_column(JSON)
     harvest_config: Mapped[dict] = mapped_column(JSON)
+    head_metrics: Mapped[dict | None] = mapped_column(JSON, doc="heads sources: every head's "
+                                                      "metrics and their controls (migration 0006)")
     status: Mapped[str] = mapped_column(String(16), default=SourceStatus.building)
     progress_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -251,6 +254,23 @@ def unpack_examples(group: int, n: int, window: int, data: bytes) -> list[Stored
 def _example_heads(window: int) -> np.dtype:
     """The head fields of `example_record(window)`, stepping over the acts."""
     return example_record(window)[list(EXAMPLE_HEAD.names)]
+
+
+class AttentionRows(Base):
+    """For a head's first top examples (heads sources only): the attention row of every query
+    of the example's window over the window's keys, so that a page shows where each token
+    looked. `data`: [window, window] little-endian float16, row i the query at start + i."""
+
+    __tablename__ = "attention_rows"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    source_id: Mapped[int] = mapped_column(
+        ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True, doc="the top example's")
+    window: Mapped[int] = mapped_column(SmallInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class PeakToken(Base):

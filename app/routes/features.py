@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app import explanations, urls
 from app.db import explanations as explanation_db
 from app.db import queries
-from app.db.tables import BosPolicy, ExampleGroup
+from app.db.tables import BosPolicy, ExampleGroup, SourceKind
 from app.explanation_schemas import FeatureExplanations
 from app.histogram import histogram_edges
 from app.related import related_of
@@ -217,6 +217,12 @@ def _feature(request: Request, session: Session, model: str, source: str, index:
         return cached
     cache = request.app.state.explanations
     explains = explained(session, cache, src, index, version)
+    if src.kind == SourceKind.heads:
+        from app.routes.heads import build_head
+
+        return render(request, build_head(session, request.app.state.vocabs, src, index,
+                                          explains),
+                      template="feature.html", partial="_head.html", tag=tag)
     relations = related(session, cache, src, index, version)
     if wants_json(request):
         body = feature_json(session, request.app.state.vocabs, src, index, explains, relations)

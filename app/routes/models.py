@@ -4,13 +4,14 @@ Both poll themselves (htmx, their partial alone) while a source is being harvest
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import Row
 
 from app import urls
 from app.db import queries
 from app.db.tables import Model
 from app.routes.deps import ModelSlug, SessionDep, not_found
+from app.routes.heads import METRICS, build_head_map
 from app.routes.present import progress
 from app.routes.render import page, render
 from app.schemas import HomePage, ModelOut, ModelPage, SourceOut
@@ -46,10 +47,14 @@ def home(request: Request, session: SessionDep):
     return render(request, ctx, template="home.html", partial="_models.html")
 
 
-@page(router, "/{model}", name="model", schema=ModelPage, summary="One model and its sources")
-def model(request: Request, session: SessionDep, model: ModelSlug):
+@page(router, "/{model}", name="model", schema=ModelPage,
+      summary="One model, its sources and the map of its attention heads")
+def model(request: Request, session: SessionDep, model: ModelSlug,
+          metric: str = Query("induction", description="the head map's metric: "
+                              + ", ".join(METRICS))):
     row = queries.model_by_slug(session, slug=model)
     if row is None:
         raise not_found(f"unknown model {model!r}")
-    ctx = ModelPage(model=model_out(row, list(queries.sources(session, model_id=row.id))))
+    ctx = ModelPage(model=model_out(row, list(queries.sources(session, model_id=row.id))),
+                    head_map=build_head_map(session, row, metric))
     return render(request, ctx, template="model.html", partial="_sources.html")
