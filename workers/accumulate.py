@@ -46,6 +46,7 @@ class Accumulator:
         top_k: int,
         sample_size: int,
         window: int,
+        zero_size: int = 0,
         bottom: bool,
         first: int,
         seed: int,
@@ -64,6 +65,7 @@ class Accumulator:
             bottom=Ranked.empty(top_k, n_features, device) if bottom else None,
             sample=Ranked.empty(sample_size, n_features, device),
             stats=Stats.empty(n_features, device),
+            zero=Ranked.empty(zero_size, n_features, device) if zero_size else None,
         )
         self.sync_free = sync_free
         self.native = native and not sync_free and torch.device(device).type == "cpu"
@@ -107,6 +109,8 @@ class Accumulator:
             offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
         keys = sample_keys(seq[:, 0], f, self.seed)
         offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
+        if self.state.zero is not None:
+            offers.append((self.state.zero, torch.where(fired, neg_inf, keys), amx, mx))
         if self.native and acts.dtype == torch.float32:
             # Early in a pass most candidates enter: then one copy of the batch laid out
             # [batch, F, seq] makes every window a contiguous read instead of `window` strided

@@ -137,7 +137,8 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
                     ) -> SourceResult:
     """One source's rows: statistics, direct logit attribution from its output directions
     (spec.directions), the tokens its top examples peak on, and its example blocks (top,
-    bottom, the quantile groups picked from the sample)."""
+    bottom, the quantile groups picked from the sample, and zero: sequences where it never
+    fired)."""
     tops, bottoms = logit_tables(lm, spec.directions())
     st = state
     peak_tok = dataset.tokens[st.top.seq.clamp(max=len(dataset.tokens) - 1), st.top.pos.long()]
@@ -159,6 +160,9 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
             st.bottom.size)[:, None].expand(-1, spec.n_features)))
     for g, rows in quantile_picks(st.sample, cfg.n_ranges, cfg.per_range):
         groups.append((ExampleGroup.quantile + g, st.sample, rows))
+    if st.zero is not None:
+        groups.append((ExampleGroup.zero, st.zero, torch.arange(st.zero.size)[:, None].expand(
+            -1, spec.n_features)))
     groups = [(code, ranking, torch.where(torch.isfinite(
         ranking.score.gather(0, rows.clamp(min=0))), rows, torch.tensor(-1)))
         for code, ranking, rows in groups]

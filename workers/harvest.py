@@ -38,6 +38,8 @@ class HarvestConfig:
     """Quantile groups of examples across the activation range."""
     per_range: int = 5
     """Examples shown per quantile group."""
+    n_zero: int = 10
+    """Sequences kept per feature where it never fired (the group `zero`); 0 keeps none."""
     window: int = 64
     """Tokens of context stored around each example's peak (capped at seq_len)."""
     batch_size: int = 8
@@ -61,6 +63,8 @@ class HarvestConfig:
         for name in ("top_k", "n_ranges", "per_range", "window", "batch_size", "shard_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_zero < 0:
+            raise ValueError(f"n_zero must be at least 0, got {self.n_zero}")
 
     @property
     def sample_size(self) -> int:
@@ -230,8 +234,8 @@ class Harvester:
         accs = {
             s.slug: Accumulator(
                 s.n_features, top_k=self.cfg.top_k, sample_size=self.cfg.sample_size,
-                window=self.window, bottom=s.bottom, first=self.first, seed=self.cfg.seed,
-                device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free,
+                zero_size=self.cfg.n_zero, window=self.window, bottom=s.bottom,
+                first=self.first, seed=self.cfg.seed, device=device, reduce_fn=self.reduce_fn, sync_free=self.sync_free,
                 native=self.native)
             for s in self.sources
         }
