@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, keys
+from app.commands import embed, explain, keys
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
     pr.set_defaults(func=cmd_prepare)
     embed.register(sub)
+    explain.register(sub)
     keys.register(sub)
     return p
 
