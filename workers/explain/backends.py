@@ -48,6 +48,8 @@ def make_scorers(names: list[str], *, model: str | None = None, base_url: str | 
     if not names:
         return []
     lm = backend(model, base_url, cache_dir)
+    if base_url:
+        lm.require_logprobs()
     out: list[Scorer] = []
     for name in names:
         if name == "detection":
