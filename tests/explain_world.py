@@ -22,10 +22,11 @@ class Harvested:
     texts: list[str]  # the display text of every token id
 
 
-def harvest_db(model_dir: Path, folder: Path) -> Harvested:
+def harvest_db(model_dir: Path, folder: Path, url: str | None = None) -> Harvested:
     """The neurons of layers 0 and 1 of the model at model_dir and a random TopK SAE on
     blocks.1.hook_resid_post (SAE_SOURCE, whose features have non-activating examples, which
-    the always-firing gated neurons lack) over pydoc, stored in a SQLite file in `folder`."""
+    the always-firing gated neurons lack) over pydoc, stored in a SQLite file in `folder` (or
+    the database at `url`)."""
     from app.db.engine import make_engine, upgrade
     from workers import store
     from workers.corpus import load_dataset
@@ -41,7 +42,7 @@ def harvest_db(model_dir: Path, folder: Path) -> Harvested:
     cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=8, n_zero=4)
     states = run_harvest(Harvester(lm, ds.tokens, specs, cfg, bos_first=True))
     db = folder / "h.db"
-    engine = make_engine(f"sqlite:///{db}")
+    engine = make_engine(url or f"sqlite:///{db}")
     upgrade(engine)
     store.write(engine, store.begin(engine, lm, ds, specs, cfg),
                 finalize(lm, ds, specs, states, cfg))

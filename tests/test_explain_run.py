@@ -134,3 +134,25 @@ def test_killed_explain_resumes_to_the_uninterrupted_result(harvested, tmp_path)
     assert explanations(a)[:written] == kept  # nothing written before the kill is lost
     assert explanations(a) == explanations(b)  # and nothing is written twice
     assert [r[1] for r in explanations(a)] == list(range(96))
+
+
+@pytest.mark.postgres
+def test_explain_and_resume_on_postgres(tiny_llama_dir, tmp_path, capsys):
+    from support import fresh_pg_url, needs_postgres
+
+    needs_postgres()
+    url = fresh_pg_url("fs_test_explain_run")
+    h = harvest_db(tiny_llama_dir, tmp_path, url)
+    for features, new, old in (("0-19", 20, 0), ("10-29", 10, 10)):
+        assert main(["explain", "--model", h.model, "--source", SAE_SOURCE, "--features",
+                     features, "--db", url, "-q"]) == 0
+        assert f"explained {new} features of {h.model}/{SAE_SOURCE} ({old} already " \
+            "explained)" in capsys.readouterr().out
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        rows = conn.execute(text("SELECT feature_idx, text FROM explanations "
+                                 "ORDER BY feature_idx")).all()
+    eng.dispose()
+    assert [f for f, _ in rows] == list(range(30))
+    for f, line in rows:
+        assert line.startswith(brute_force_summary(h.tokens, h.states[SAE_SOURCE], f, h.texts))
