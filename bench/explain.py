@@ -93,6 +93,18 @@ def pairs(url: str, explainer: str, scorer: str) -> list[tuple[float, float]]:
     return [(v, c) for v, c in rows]
 
 
+def verdict(url: str, explainer: str, s: Timed) -> None:
+    """One line of the table: the pair's mean score, mean control and judgement."""
+    vc = pairs(url, explainer, s.name)
+    j = judge(s.name, s.model, n=len(vc), sum_value=sum(v for v, _ in vc),
+              sum_control=sum(c for _, c in vc), sum_diff=sum(v - c for v, c in vc),
+              sum_diff2=sum((v - c) ** 2 for v, c in vc))
+    mean = sum(v for v, _ in vc) / max(len(vc), 1)
+    ctrl = sum(c for _, c in vc) / max(len(vc), 1)
+    print(f"{explainer:<10}{s.name:<12}{mean:>8.3f}{ctrl:>9.3f}{len(vc):>7}  {j.verdict}",
+          flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", default=None, help="a harvested database (copied, not written)")
@@ -121,7 +133,7 @@ def main() -> int:
         features = firing(url, args.model, source, args.features)
         n = len(features.split(","))
         scorer_names = [s for s in args.scorers.split(",") if s]
-        rows = []
+        print(f"{'explainer':<10}{'scorer':<12}{'mean':>8}{'control':>9}{'pairs':>7}  verdict")
         for name in args.explainers.split(","):
             explainer = Timed(make_explainer(name, cache_dir=settings.cache_dir), "explain")
             scorers = [Timed(s, "score") for s in make_scorers(
@@ -129,29 +141,17 @@ def main() -> int:
             ExplainRun(db_url=url, model=args.model, source=source, explainer=explainer,
                        scorers=scorers, features=features, progress_bar=False,
                        embed=False).run()
-            rows.append((explainer, scorers))
-        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"\n{n} features of {args.model}/{source}, {args.score_examples} activating "
-              f"(+ as many other) examples per scorer, {os.cpu_count()} CPUs, load {load}")
-        print(f"{'explainer':<10}{'scorer':<12}{'mean':>8}{'control':>9}{'pairs':>7}  verdict")
-        for explainer, scorers in rows:
             for s in scorers:
-                vc = pairs(url, explainer.name, s.name)
-                j = judge(s.name, s.model, n=len(vc), sum_value=sum(v for v, _ in vc),
-                          sum_control=sum(c for _, c in vc),
-                          sum_diff=sum(v - c for v, c in vc),
-                          sum_diff2=sum((v - c) ** 2 for v, c in vc))
-                mean = sum(v for v, _ in vc) / max(len(vc), 1)
-                ctrl = sum(c for _, c in vc) / max(len(vc), 1)
-                print(f"{explainer.name:<10}{s.name:<12}{mean:>8.3f}{ctrl:>9.3f}{len(vc):>7}  "
-                      f"{j.verdict}")
-        print()
-        for explainer, scorers in rows:
+                verdict(url, explainer.name, s)
             for t in [explainer, *scorers]:
                 if t.model and t.features:
                     what = "explained" if t is explainer else f"scored ({t.name})"
                     print(f"{explainer.name:<10}{what:<22}{t.features / t.seconds * 60:8.1f} "
-                          f"features/min  ({t.features} in {t.seconds:.0f} s, {t.model})")
+                          f"features/min  ({t.features} in {t.seconds:.0f} s, {t.model})",
+                          flush=True)
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"\n{n} features of {args.model}/{source}, {args.score_examples} activating "
+              f"(+ as many other) examples per scorer, {os.cpu_count()} CPUs, load {load}")
     if args.search_explanations:
         print(flush=True)
         subprocess.run([sys.executable, str(ROOT / "bench" / "explain_search.py"),

@@ -17,7 +17,7 @@ import pytest
 from explain_world import SAE_SOURCE, copy_db, explanations, harvest_db, query
 
 from app.cli import main
-from workers.explain.explainers import clean
+from workers.explain.explainers import clean, shown
 from workers.explain.local import LocalLM
 from workers.explain.remote import EndpointError, OpenAIChat
 from workers.models import prepare_default_model
@@ -91,7 +91,7 @@ def test_openai_explainer_against_transformers_serve(server, harvested, tmp_path
                               source(session, harvested.model, SAE_SOURCE), fired[0])
     eng.dispose()
     lm = LocalLM(folder)
-    (answer, _), = lm.chat([prompt("explain-v1").messages(examples=excerpts(ex.top[:8]))])
+    (answer, _), = lm.chat([prompt("explain-v1").messages(examples=excerpts(shown(ex, 8)))])
     assert rows[0][2] == clean(answer)
 
 

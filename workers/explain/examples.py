@@ -23,6 +23,11 @@ class Window:
     group: int
     peak: int
 
+    def around(self, before: int, after: int) -> Window:
+        """The tokens from `before` tokens before the peak to `after` after it."""
+        lo, hi = max(self.peak - before, 0), self.peak + after + 1
+        return Window(self.tokens[lo:hi], self.acts[lo:hi], self.group, self.peak - lo)
+
 
 @dataclass
 class FeatureExamples:

@@ -11,6 +11,8 @@ from workers.explain.run import Written
 
 PROMPT_VERSION = "explain-v1"
 MAX_CHARS = 200
+BEFORE, AFTER = 16, 4
+"""Tokens shown before and after each example's peak: the prompt's length sets the cost."""
 
 
 class Chat(Protocol):
@@ -27,6 +29,11 @@ def clean(answer: str) -> str:
     return line[:MAX_CHARS] or "(no answer)"
 
 
+def shown(ex: FeatureExamples, n: int) -> list:
+    """The excerpts an explainer's prompt shows: the top n examples around their peaks."""
+    return [w.around(BEFORE, AFTER) for w in ex.top[:n]]
+
+
 class LLMExplainer:
     """Explains a batch of features with one batched call of its chat backend."""
 
@@ -39,5 +46,5 @@ class LLMExplainer:
     def explain(self, batch: list[FeatureExamples]) -> list[Written]:
         p = prompt(self.prompt_version)
         answers = self.backend.chat(
-            [p.messages(examples=excerpts(ex.top[:self.n_examples])) for ex in batch])
+            [p.messages(examples=excerpts(shown(ex, self.n_examples))) for ex in batch])
         return [Written(clean(text), used) for text, used in answers]
