@@ -103,8 +103,10 @@ class ExplainRun:
         try:
             for i in range(0, len(todo), self.batch_size):
                 batch = todo[i:i + self.batch_size]
+                # examples are read only where there is something to explain or to score
+                read = [f for f in batch if f not in done or self.scorers]
                 with Session(engine) as session:
-                    exs = [feature_examples(session, vocabs, src, f) for f in batch]
+                    exs = [feature_examples(session, vocabs, src, f) for f in read]
                 # a language model is not asked about a feature that never fired
                 new = [e for e in exs if e.index not in done
                        and (e.fires or not self.explainer.model)]
