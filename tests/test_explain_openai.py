@@ -138,3 +138,26 @@ def test_retries_on_429_and_5xx_only(codes, n_calls, ok, monkeypatch):
     assert len(calls) == n_calls
     assert all(c.headers["authorization"] == "Bearer sk-test" for c in calls)
     assert all(c.url == "http://llm.invalid/v1/chat/completions" for c in calls)
+
+
+def test_p_yes_from_top_logprobs():
+    """P(yes) / (P(yes) + P(no)) over the spellings of the first token's top_logprobs, 0.5
+    where neither word is among them."""
+    import math
+
+    tops = [[("Yes", 0.5), (" yes", 0.1), (" no", 0.2), ("maybe", 0.1)], [("maybe", 0.9)]]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = request.read().decode()
+        top = tops[0] if "first" in body else tops[1]
+        return httpx.Response(200, json={"choices": [{"message": {"content": top[0][0]},
+                                                      "logprobs": {"content": [{
+                                                          "token": top[0][0],
+                                                          "top_logprobs": [
+                                                              {"token": t, "logprob": math.log(p)}
+                                                              for t, p in top]}]}}]})
+
+    chat = OpenAIChat("http://llm.invalid/v1", "m", transport=httpx.MockTransport(handle))
+    got = chat.p_yes([[{"role": "user", "content": "first"}],
+                      [{"role": "user", "content": "second"}]])
+    assert got == pytest.approx([0.6 / 0.8, 0.5])
