@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.commands import embed, keys, match, transfer
+from app.commands import embed, explain, keys, match, transfer
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -108,6 +108,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                      seq_len=args.seq_len, first_layers=args.first_layers,
                      sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
                      sae_train_tokens=args.sae_train_tokens, device=args.device,
+                     local_explanations=args.local_explanations,
                      progress_bar=not args.quiet)
     settings = settings.with_options(host=args.host, port=args.port, database_url=args.db)
     return run_demo(cfg, settings, serve=not args.no_serve)
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="active latents of the TopK SAE")
     d.add_argument("--sae-train-tokens", type=int, default=demo["sae_train_tokens"])
     d.add_argument("--device", default=demo["device"])
+    d.add_argument("--local-explanations", type=int, default=demo["local_explanations"],
+                   help="SAE features explained by the built-in instruct model after every "
+                   f"feature is explained from its tokens (default: {demo['local_explanations']})")
     d.add_argument("--host", default=None)
     d.add_argument("--port", type=int, default=None)
     d.add_argument("--db", default=None)
@@ -255,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--datasets", nargs="*", default=[DEFAULT_DATASET])
     pr.set_defaults(func=cmd_prepare)
     embed.register(sub)
+    explain.register(sub)
     keys.register(sub)
     match.register(sub)
     transfer.register(sub)

@@ -170,6 +170,15 @@ def assert_states_equal(a, b):
             assert torch.equal(getattr(sx, field), getattr(sy, field)), (slug, field)
         torch.testing.assert_close(sx.sum, sy.sum, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(sx.sumsq, sy.sumsq, rtol=1e-12, atol=1e-12)
+        assert (x.cofire is None) == (y.cofire is None), slug
+        if x.cofire is not None:
+            assert x.cofire.n_tokens == y.cofire.n_tokens
+            assert torch.equal(x.cofire.co, y.cofire.co), slug
+            torch.testing.assert_close(x.cofire.sum, y.cofire.sum, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(x.cofire.xx, y.cofire.xx, rtol=1e-12, atol=1e-9)
+        assert set(x.sums) == set(y.sums), slug
+        for name in x.sums:
+            torch.testing.assert_close(x.sums[name], y.sums[name], rtol=1e-9, atol=1e-9)
 
 
 def postgres_available() -> str | None:

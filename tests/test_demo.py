@@ -23,7 +23,7 @@ from workers.demo import Demo, DemoConfig
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="pydoc", max_tokens=600 * 32, seq_len=32, first_layers="0",
             sae_hook="blocks.1.hook_resid_post", sae_features=32, sae_k=4,
-            sae_train_tokens=16 * 32, device="cpu", progress_bar=False)
+            sae_train_tokens=16 * 32, device="cpu", local_explanations=0, progress_bar=False)
 SAE = "1-res-sae-32"
 
 
@@ -47,16 +47,27 @@ def test_steps_run_first_layers_first_and_a_rerun_does_nothing(tmp_path, tiny_ll
     done = Demo(cfg, settings).run(lambda step, _: readable.append(ready(settings)))
     sae_dir = tmp_path / "saes" / SAE
     assert [outcome for _, outcome in done] == [
-        "harvested 0-mlp", "harvested 1-mlp", f"trained into {sae_dir}", f"harvested {SAE}"]
+        "harvested 0-mlp", "harvested 1-mlp", f"trained into {sae_dir}", f"harvested {SAE}",
+        f"explained {96 + 96 + 32} features", "left out"]
     # what a reader of the database could open after each step
-    assert readable == [{"0-mlp"}, {"0-mlp", "1-mlp"}, {"0-mlp", "1-mlp"},
-                        {"0-mlp", "1-mlp", SAE}]
+    everything = {"0-mlp", "1-mlp", SAE}
+    assert readable == [{"0-mlp"}, {"0-mlp", "1-mlp"}, {"0-mlp", "1-mlp"}, everything,
+                        everything, everything]
+    eng = create_engine(settings.db_url)
+    with eng.connect() as conn:
+        explained = conn.execute(text(
+            "SELECT s.slug, count(*), min(e.explainer) FROM explanations e JOIN sources s "
+            "ON s.id = e.source_id GROUP BY s.slug")).all()
+    eng.dispose()
+    assert sorted(explained) == [("0-mlp", 96, "tokens"), ("1-mlp", 96, "tokens"),
+                                 (SAE, 32, "tokens")]
     assert (sae_dir / "cfg.json").is_file()
     before = sources(settings)
 
     again = Demo(cfg, settings).run()
     assert [outcome for _, outcome in again] == [
-        "already harvested", "already harvested", "already trained", "already harvested"]
+        "already harvested", "already harvested", "already trained", "already harvested",
+        "already explained", "left out"]
     assert sources(settings) == before  # nothing written again
 
 
@@ -138,7 +149,7 @@ def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llam
     # service manager stops it) ends both quietly.
     proc, out = start_demo(tmp_path, tiny_llama_dir, port)
     try:
-        assert out.count(": already ") == 4, out
+        assert out.count(": already ") == 5, out
         assert httpx.get(f"{base}/{slug}/1-mlp/3").status_code == 200
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

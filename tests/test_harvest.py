@@ -20,6 +20,7 @@ from workers.harvest import (
     neuron_sources,
     run_harvest,
 )
+from workers.heads import head_sources
 from workers.models import load_model
 from workers.state import sample_keys
 
@@ -130,6 +131,37 @@ def test_sample_is_the_priority_sample_of_fired_sequences(setup):
         assert len(got) == min(cfg.sample_size, int((peak[:, f] > 0).sum()))
 
 
+def test_zero_is_the_priority_sample_of_sequences_that_never_fired(setup):
+    lm, ds, specs = setup
+    states, cfg = harvest(lm, ds, specs, n_zero=4)
+    keys = sample_keys(torch.arange(len(ds.tokens)), specs[0].n_features, cfg.seed)
+    n_some = 0
+    for spec in specs:
+        st = states[spec.slug]
+        acts = brute_force_acts(lm, ds.tokens, spec.hook_name)
+        peak, ppos = acts[:, 1:, :].max(1)
+        want = ranked(torch.where(peak > 0, torch.zeros_like(keys), keys + 1), cfg.n_zero)
+        t = acts.shape[1]
+        for f in range(spec.n_features):
+            got = [s for s in st.zero.seq[:, f].tolist() if s < len(ds.tokens)]
+            assert got == want[f], f"{spec.slug} feature {f} zero sequences"
+            n_some += bool(got)
+            for r, s in enumerate(got):
+                assert (acts[s, 1:, f] <= 0).all()
+                assert st.zero.value[r, f].item() == pytest.approx(peak[s, f].item(), abs=1e-6)
+                start = window_start(st.zero.pos[r, f].long(), t, cfg.window).item()
+                torch.testing.assert_close(st.zero.windows[r, f].float(),
+                                           acts[s, start:start + cfg.window, f].half().float(),
+                                           rtol=2e-3, atol=1e-4)
+    assert n_some  # some features of these sources do have non-activating sequences
+
+
+def test_no_zero_sample_when_n_zero_is_0(setup):
+    lm, ds, specs = setup
+    states, _ = harvest(lm, ds, specs, n_zero=0)
+    assert all(st.zero is None and "zero" not in st.rankings() for st in states.values())
+
+
 def test_two_shards_merged_equal_one_pass_in_either_order(setup):
     lm, ds, specs = setup
     one, _ = harvest(lm, ds, specs, shard_sequences=len(ds.tokens))
@@ -165,9 +197,14 @@ def test_the_native_cpu_path_gives_the_same_state(setup):
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, tmp_path):
+    """Through the checkpoint and back: every part of the state (neurons with their zero
+    sample and co-firing statistics, and a heads source's metric sums)."""
     lm, ds, specs = setup
-    cfg = HarvestConfig(**CFG)
-    whole, _ = harvest(lm, ds, specs)
+    specs = specs + head_sources(lm, [0])
+    cfg = HarvestConfig(**CFG, relations=True)
+    whole, _ = harvest(lm, ds, specs, relations=True)
+    assert all(whole[s.slug].cofire is not None for s in specs if s.kind == "neurons")
+    assert whole[specs[-1].slug].sums and whole[specs[0].slug].zero is not None
 
     class Killed(Exception):
         pass

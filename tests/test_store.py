@@ -91,6 +91,16 @@ def test_written_harvest_reads_back_exactly(db_url, harvested):
                 n_with_examples += 1
         assert n_with_examples, "none of the features checked has top examples"
 
+        # the zero group: the sequences of the zero sample, where the feature never fired
+        n_zero = 0
+        for f in range(spec.n_features):
+            zero = stored_examples(conn, sid, f, ExampleGroup.zero)
+            assert [e.seq_idx for e in zero] == [
+                s for s in st.zero.seq[:, f].tolist() if s < len(ds.tokens)]
+            assert all(np.frombuffer(e.acts, dtype="<f2").max() <= 0 for e in zero)
+            n_zero += len(zero)
+        assert n_zero
+
         # quantile groups: ascending activation across groups, each from the fired sample
         q = [(e.group, e.peak_value) for e in stored_examples(conn, sid, 0)
              if e.group >= ExampleGroup.quantile]

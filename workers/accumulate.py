@@ -47,6 +47,7 @@ class Accumulator:
         top_k: int,
         sample_size: int,
         window: int,
+        zero_size: int = 0,
         bottom: bool,
         first: int,
         seed: int,
@@ -69,6 +70,7 @@ class Accumulator:
             sample=Ranked.empty(sample_size, n_features, device),
             stats=Stats.empty(n_features, device),
             cofire=CoFiring.empty(n_features, device) if cofire else None,
+            zero=Ranked.empty(zero_size, n_features, device) if zero_size else None,
         )
         self.sync_free = sync_free
         self.native = native and not sync_free and torch.device(device).type == "cpu"
@@ -114,6 +116,8 @@ class Accumulator:
             offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
         keys = sample_keys(seq[:, 0], f, self.seed)
         offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
+        if self.state.zero is not None:
+            offers.append((self.state.zero, torch.where(fired, neg_inf, keys), amx, mx))
         if self.native and acts.dtype == torch.float32:
             # Early in a pass most candidates enter: then one copy of the batch laid out
             # [batch, F, seq] makes every window a contiguous read instead of `window` strided

@@ -50,6 +50,9 @@ class DemoConfig:
     sae_dir: Path | None = None
     """Where the trained SAE is written (None: saes/{source slug} in the data directory)."""
     device: str = "auto"
+    local_explanations: int = 300
+    """SAE features explained with the `local` explainer (the built-in instruct model) after
+    every feature is explained with `tokens`; 0: none."""
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -106,6 +109,9 @@ class Demo:
             Step(f"train the SAE {cfg.sae_slug} on {cfg.sae_hook}", self._train),
             Step(f"features of the SAE {cfg.sae_slug}",
                  lambda: self._harvest("none", (self.cfg.sae_folder(self.settings),))),
+            Step("explain every feature (tokens)", lambda: self._explain("tokens")),
+            Step(f"explain {cfg.local_explanations} SAE features (local)",
+                 lambda: self._explain("local")),
         ]
 
     def run(self, on_step: Callable[[Step, str], None] | None = None) -> list[tuple[str, str]]:
@@ -152,6 +158,34 @@ class Demo:
         if not result.written:
             return "already harvested"
         return f"harvested {', '.join(result.written)}"
+
+    def _explain(self, explainer: str) -> str:
+        """Every feature of every ready source with `tokens`; the first local_explanations
+        features of the SAE with `local`. Features already explained are left out."""
+        from app.db.engine import make_engine
+        from workers import store
+        from workers.explain.backends import make_explainer
+        from workers.explain.run import ExplainRun
+
+        n_local = self.cfg.local_explanations
+        if explainer == "local" and not n_local:
+            return "left out"
+        engine = make_engine(self.settings.db_url)
+        try:
+            slugs = sorted(store.ready_sources(engine, self.model_slug or ""))
+        finally:
+            engine.dispose()
+        if explainer == "local":
+            slugs = [s for s in slugs if s == self.cfg.sae_slug]
+        made = make_explainer(explainer, cache_dir=self.settings.cache_dir)
+        n = 0
+        for slug in slugs:
+            n += ExplainRun(db_url=self.settings.db_url, model=self.model_slug, source=slug,
+                            explainer=made, batch_size=256 if explainer == "tokens" else 16,
+                            features=(f"0-{min(n_local, self.cfg.sae_features) - 1}"
+                                      if explainer == "local" else "all"),
+                            progress_bar=self.cfg.progress_bar).run().explained
+        return f"explained {n} features" if n else "already explained"
 
     def _train(self) -> str:
         from workers.models import resolve_device

@@ -138,8 +138,9 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
                     logits: tuple[list, list] | None = None) -> SourceResult:
     """One source's rows: statistics, direct logit attribution from its output directions
     (spec.directions; or the given top and bottom `logits`), the tokens its top examples peak
-    on, and its example blocks (top, bottom, the quantile groups picked from the sample).
-    A heads source goes through workers/head_metrics.py, which comes back here."""
+    on, and its example blocks (top, bottom, the quantile groups picked from the sample, and
+    zero: sequences where it never fired). A heads source goes through
+    workers/head_metrics.py, which comes back here."""
     if spec.kind == "heads" and logits is None:
         from workers.head_metrics import finalize_heads
 
@@ -165,6 +166,9 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
             st.bottom.size)[:, None].expand(-1, spec.n_features)))
     for g, rows in quantile_picks(st.sample, cfg.n_ranges, cfg.per_range):
         groups.append((ExampleGroup.quantile + g, st.sample, rows))
+    if st.zero is not None:
+        groups.append((ExampleGroup.zero, st.zero, torch.arange(st.zero.size)[:, None].expand(
+            -1, spec.n_features)))
     groups = [(code, ranking, torch.where(torch.isfinite(
         ranking.score.gather(0, rows.clamp(min=0))), rows, torch.tensor(-1)))
         for code, ranking, rows in groups]

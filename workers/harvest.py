@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from workers.accumulate import Accumulator
+from workers.relations import CoFiring
 from workers.state import Ranked, SourceState, Stats, batch_reduce
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class HarvestConfig:
     """Quantile groups of examples across the activation range."""
     per_range: int = 5
     """Examples shown per quantile group."""
+    n_zero: int = 10
+    """Sequences kept per feature where it never fired (the group `zero`); 0 keeps none."""
     window: int = 64
     """Tokens of context stored around each example's peak (capped at seq_len)."""
     batch_size: int = 8
@@ -65,6 +68,8 @@ class HarvestConfig:
         for name in ("top_k", "n_ranges", "per_range", "window", "batch_size", "shard_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_zero < 0:
+            raise ValueError(f"n_zero must be at least 0, got {self.n_zero}")
 
     @property
     def sample_size(self) -> int:
@@ -237,7 +242,8 @@ class Harvester:
 
             return HeadAccumulator(spec.n_features, corpus=self.tokens, bos_key=self.first == 1,
                                    **kw)
-        return Accumulator(spec.n_features, cofire=self.cfg.relations, **kw)
+        return Accumulator(spec.n_features, cofire=self.cfg.relations,
+                           zero_size=self.cfg.n_zero, **kw)
 
     def run_shard(self, shard: int, progress: Callable[[int], None] | None = None
                   ) -> dict[str, SourceState]:
@@ -280,17 +286,26 @@ def _plain(state: SourceState) -> dict:
     def ranked(r: Ranked | None) -> dict | None:
         return None if r is None else {f.name: getattr(r, f.name) for f in fields(Ranked)}
 
+    cofire = state.cofire
     return {"top": ranked(state.top), "bottom": ranked(state.bottom),
-            "sample": ranked(state.sample),
+            "sample": ranked(state.sample), "zero": ranked(state.zero),
             "stats": {f.name: getattr(state.stats, f.name) for f in fields(Stats)},
-            "n_sequences": state.n_sequences, "shards": sorted(state.shards)}
+            "n_sequences": state.n_sequences, "shards": sorted(state.shards),
+            "cofire": None if cofire is None else {f.name: getattr(cofire, f.name)
+                                                   for f in fields(CoFiring)},
+            "sums": dict(state.sums)}
 
 
 def _from_plain(d: dict) -> SourceState:
+    def ranked(r: dict | None) -> Ranked | None:
+        return None if r is None else Ranked(**r)
+
     return SourceState(
-        top=Ranked(**d["top"]), bottom=None if d["bottom"] is None else Ranked(**d["bottom"]),
-        sample=Ranked(**d["sample"]), stats=Stats(**d["stats"]), n_sequences=d["n_sequences"],
-        shards=frozenset(d["shards"]))
+        top=Ranked(**d["top"]), bottom=ranked(d["bottom"]), sample=Ranked(**d["sample"]),
+        zero=ranked(d.get("zero")), stats=Stats(**d["stats"]), n_sequences=d["n_sequences"],
+        shards=frozenset(d["shards"]),
+        cofire=None if d.get("cofire") is None else CoFiring(**d["cofire"]),
+        sums=d.get("sums", {}))
 
 
 class Checkpoint:

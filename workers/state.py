@@ -188,11 +188,14 @@ class Stats:
 
 @dataclass
 class SourceState:
-    """Everything the harvest keeps for one source: three rankings and the statistics.
+    """Everything the harvest keeps for one source: four rankings and the statistics.
 
     top: peak value per sequence (> 0 only); bottom: the trough, for sources that go negative
     (< 0 only); sample: a uniform sample of the sequences where the feature fired, by priority
-    sampling (the best random keys), from which quantile examples are picked at the end.
+    sampling (the best random keys), from which quantile examples are picked at the end;
+    zero: the same kind of sample of the sequences where it never fired (no token > 0), the
+    non-activating examples that scorers of explanations need. None in states saved before it
+    existed: a merge with one of those has no zero sample.
     """
 
     top: Ranked
@@ -205,11 +208,14 @@ class SourceState:
     """Co-firing statistics (workers/relations.py), where the harvest keeps them."""
     sums: dict[str, Tensor] = field(default_factory=dict)
     """Further per-source totals that merge by addition (a heads source's metric sums)."""
+    zero: Ranked | None = None
 
     def rankings(self) -> dict[str, Ranked]:
         out = {"top": self.top, "sample": self.sample}
         if self.bottom is not None:
             out["bottom"] = self.bottom
+        if self.zero is not None:
+            out["zero"] = self.zero
         return out
 
     def merge(self, other: SourceState) -> SourceState:
@@ -225,6 +231,7 @@ class SourceState:
             shards=self.shards | other.shards,
             cofire=None if self.cofire is None else self.cofire.merge(other.cofire),
             sums={k: v + other.sums[k] for k, v in self.sums.items()},
+            zero=None if self.zero is None or other.zero is None else self.zero.merge(other.zero),
         )
 
     def to(self, device: torch.device | str) -> SourceState:
@@ -239,7 +246,7 @@ class SourceState:
             top=move(self.top), bottom=move(self.bottom), sample=move(self.sample),
             stats=Stats(st.n_tokens, *(t.to(device) for t in (
                 st.n_active, st.sum, st.sumsq, st.max, st.min, st.hist))),
-            n_sequences=self.n_sequences, shards=self.shards,
+            n_sequences=self.n_sequences, shards=self.shards, zero=move(self.zero),
             cofire=None if self.cofire is None else self.cofire.to(device),
             sums={k: v.to(device) for k, v in self.sums.items()},
         )

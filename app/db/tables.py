@@ -161,8 +161,10 @@ class Feature(Base):
 
 
 class ExampleGroup(enum.IntEnum):
-    """Stored as a small integer; quantile-N is QUANTILE + N."""
+    """Stored as a small integer; quantile-N is QUANTILE + N. `zero` holds a sample of the
+    sequences where the feature never fired (the non-activating examples of scorers)."""
 
+    zero = -1
     top = 0
     bottom = 1
     quantile = 2
@@ -173,6 +175,8 @@ class ExampleGroup(enum.IntEnum):
             return "top"
         if code == ExampleGroup.bottom:
             return "bottom"
+        if code == ExampleGroup.zero:
+            return "zero"
         return f"quantile-{code - ExampleGroup.quantile}"
 
     @staticmethod
@@ -181,6 +185,8 @@ class ExampleGroup(enum.IntEnum):
             return ExampleGroup.top
         if name == "bottom":
             return ExampleGroup.bottom
+        if name == "zero":
+            return ExampleGroup.zero
         if name.startswith("quantile-") and name[9:].isdigit():
             return ExampleGroup.quantile + int(name[9:])
         raise ValueError(f"unknown example group {name!r}")

@@ -1,0 +1,1 @@
+"""Explanations of features: explainers that write them, scorers that test them, one run."""
