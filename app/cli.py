@@ -26,7 +26,7 @@ def _positive_int(text: str, flag: str) -> int:
 
 
 def _device(name: str) -> str:
-    from workers.models import resolve_device
+    from workers.loading import resolve_device
 
     return resolve_device(name)
 
@@ -132,7 +132,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     """Fetch and cache the default model and corpora, so later runs need no network."""
     from workers.corpus import prepare_builtin
-    from workers.models import prepare_default_model
+    from workers.loading import prepare_default_model
 
     path = prepare_default_model(settings.cache_dir)
     print(f"default model cached at {path}")

@@ -123,7 +123,7 @@ def start_live(engine, settings: Settings) -> ModelQueue:
     """Load every model that has ready sources, with those sources, behind the queue (imports
     torch)."""
     from workers.inference import ServedModels
-    from workers.models import resolve_device
+    from workers.loading import resolve_device
 
     device = resolve_device(settings.live_device)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from workers.corpus import load_dataset
 from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources
 from workers.heads import head_sources
-from workers.models import load_model
+from workers.loading import load_model
 from workers.runner import parse_layers
 
 

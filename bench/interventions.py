@@ -25,7 +25,7 @@ from app.config import DEFAULT_MODEL, default_cache_dir
 from app.intervention_schemas import IOI
 from workers.generation import generate
 from workers.inference import ServedModel, ServedSource
-from workers.models import load_model
+from workers.loading import load_model
 from workers.patching import Site, run_patches, sweep
 from workers.sae import SAE, SAEConfig
 from workers.steering import SteerFeature, steering_edits

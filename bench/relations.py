@@ -21,8 +21,8 @@ import torch
 from app.config import DEFAULT_MODEL, default_cache_dir
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, SourceSpec, neuron_sources
+from workers.loading import load_model
 from workers.match import correlations, one_to_one
-from workers.models import load_model
 from workers.relations import cofiring_rows
 from workers.sae import SAE, SAEConfig, source_slug
 

@@ -144,7 +144,7 @@ def ray_tokens_per_second(n_tokens: int) -> list[tuple[int, float]]:
     import ray
 
     from workers.harvest import Shards, harvest_shards
-    from workers.models import load_model
+    from workers.loading import load_model
     from workers.ray_backend import RayBackend
     from workers.runner import HarvestPlan
 

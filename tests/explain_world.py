@@ -32,7 +32,7 @@ def harvest_db(model_dir: Path, folder: Path, url: str | None = None) -> Harvest
     from workers.corpus import load_dataset
     from workers.finalize import finalize
     from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-    from workers.models import load_model
+    from workers.loading import load_model
     from workers.sae import sae_sources, save_sae
 
     lm = load_model(str(model_dir))

@@ -361,7 +361,7 @@ class LiveWorld:
         from workers.finalize import finalize
         from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
         from workers.inference import ServedModels
-        from workers.models import load_model
+        from workers.loading import load_model
         from workers.sae import sae_sources, save_sae
 
         self.lm = load_model(str(model_dir))

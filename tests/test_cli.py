@@ -110,7 +110,7 @@ def test_parse_layers_refuses_bad_input(bad):
 def test_default_model_end_to_end(tmp_path, monkeypatch):
     """A few thousand tokens of the real SmolLM2-135M through the CLI (compiled reductions), then
     the stored numbers of three layers against a brute-force pass over every token."""
-    from workers.models import load_model
+    from workers.loading import load_model
 
     monkeypatch.setenv("FEATURESCOPE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("FEATURESCOPE_CACHE", str(SHARED_CACHE))

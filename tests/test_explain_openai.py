@@ -20,7 +20,7 @@ from app.cli import main
 from workers.explain.explainers import clean, shown
 from workers.explain.local import LocalLM
 from workers.explain.remote import EndpointError, OpenAIChat
-from workers.models import prepare_default_model
+from workers.loading import prepare_default_model
 
 SHARED_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache"
 

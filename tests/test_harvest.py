@@ -21,7 +21,7 @@ from workers.harvest import (
     run_harvest,
 )
 from workers.heads import head_sources
-from workers.models import load_model
+from workers.loading import load_model
 from workers.state import sample_keys
 
 CFG = dict(top_k=5, n_ranges=2, per_range=3, window=16, batch_size=4, shard_sequences=8)

@@ -19,7 +19,7 @@ from workers.finalize import finalize_source
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.head_metrics import induction_tokens, ov_weights
 from workers.heads import distance_bin, head_sources
-from workers.models import load_model
+from workers.loading import load_model
 from workers.runner import HarvestRunner, RunConfig
 
 CFG = dict(top_k=4, n_ranges=2, per_range=3, window=12, batch_size=4, shard_sequences=8)

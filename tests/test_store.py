@@ -14,7 +14,7 @@ from workers import store
 from workers.corpus import load_dataset
 from workers.finalize import N_TOP_TOKENS, finalize, top_token_counts
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-from workers.models import load_model
+from workers.loading import load_model
 
 CFG = HarvestConfig(top_k=4, n_ranges=3, per_range=2, window=12, batch_size=4,
                     shard_sequences=12)

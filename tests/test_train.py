@@ -117,7 +117,7 @@ def test_config_is_validated():
 @pytest.fixture(scope="module")
 def tiny(tiny_gpt2_dir):
     from workers.corpus import load_dataset
-    from workers.models import load_model
+    from workers.loading import load_model
 
     lm = load_model(str(tiny_gpt2_dir))
     return lm, load_dataset("pydoc", lm.tokenizer, seq_len=32, max_tokens=12 * 32)

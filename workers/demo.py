@@ -188,7 +188,7 @@ class Demo:
         return f"explained {n} features" if n else "already explained"
 
     def _train(self) -> str:
-        from workers.models import resolve_device
+        from workers.loading import resolve_device
         from workers.sae import CFG_FILE
         from workers.train import TrainConfig, train_sae_on
 

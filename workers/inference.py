@@ -26,7 +26,8 @@ from app.db.tables import Model, Source, SourceStatus
 from app.inference_errors import BadInput, NotLoaded
 from workers.corpus import _encode, tokenizer_hash
 from workers.harvest import DTYPES
-from workers.models import LoadedModel, load_model
+from workers.loading import load_model
+from workers.models import LoadedModel
 
 if TYPE_CHECKING:
     from workers.sae import SAE

@@ -232,7 +232,7 @@ def run_match(engine: Engine, spec_a: str, spec_b: str, *, max_tokens: int | Non
               batch_size: int = 8, device: str = "cpu") -> tuple[Side, Side, Tensor, list]:
     """Match two stored sources (`model/source` each) and store the result; returns the sides,
     the correlation matrix and the one-to-one pairs."""
-    from workers.models import load_model
+    from workers.loading import load_model
 
     a, b = load_side(engine, spec_a), load_side(engine, spec_b)
     if a.tokenizer_hash != b.tokenizer_hash:

@@ -70,7 +70,7 @@ class HarvestPlan:
     def build(self):
         """(LoadedModel, [SourceSpec]) on this process's device."""
         from workers.harvest import DTYPES
-        from workers.models import load_model
+        from workers.loading import load_model
 
         lm = load_model(self.model, device=self.device, dtype=DTYPES[self.cfg.dtype],
                         cache_dir=Path(self.cache_dir) if self.cache_dir else None)
@@ -182,7 +182,7 @@ class HarvestRunner:
         from app.db.engine import make_engine, upgrade
         from workers import store
         from workers.harvest import DTYPES
-        from workers.models import load_model, resolve_device
+        from workers.loading import load_model, resolve_device
 
         cfg = self.cfg
         device = resolve_device(cfg.device)

@@ -382,7 +382,7 @@ def train_sae_on(model: str, dataset: str, cfg: TrainConfig, out: str | Path, *,
     """Load the model and the corpus (cfg.max_tokens of training plus the held-out sequences),
     train and write `out`; returns the metrics."""
     from workers.corpus import load_dataset
-    from workers.models import load_model
+    from workers.loading import load_model
 
     torch.manual_seed(cfg.seed)
     lm = load_model(model, device=device, cache_dir=cache_dir)

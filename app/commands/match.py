@@ -12,8 +12,8 @@ from app.config import Settings
 
 def cmd_match(args: argparse.Namespace, settings: Settings) -> int:
     from app.db.engine import make_engine, upgrade
+    from workers.loading import resolve_device
     from workers.match import MatchError, run_match
-    from workers.models import resolve_device
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise SystemExit("error: --max-tokens must be at least 1")

@@ -80,7 +80,7 @@ def fake_sae(lm, layer: int, n: int = 48, seed: int = 0):
 def _harvest(model_dir, corpus: str, max_tokens: int, layers, extra=(), building=()):
     from workers.corpus import load_dataset
     from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
-    from workers.models import load_model
+    from workers.loading import load_model
 
     cfg = HarvestConfig(top_k=6, n_ranges=3, per_range=3, window=16, batch_size=8,
                         shard_sequences=64, relations=True)

@@ -17,7 +17,7 @@ from app.routes.heads import METRICS
 from app.schemas import ModelPage
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig
-from workers.models import load_model
+from workers.loading import load_model
 from workers.runner import HarvestRunner, RunConfig
 
 SEQ_LEN = 32

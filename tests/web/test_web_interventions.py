@@ -32,7 +32,7 @@ from workers.corpus import load_dataset
 from workers.finalize import finalize
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.inference import ServedModels
-from workers.models import load_model
+from workers.loading import load_model
 from workers.patching import sweep
 from workers.sae import sae_sources, save_sae
 from workers.steering import SteerFeature, steer

@@ -20,7 +20,7 @@ class LocalLM:
 
     def __init__(self, spec: str | None = None, *, cache_dir: Path | None = None,
                  device: str = "cpu", batch_size: int = 8):
-        from workers.models import load_model
+        from workers.loading import load_model
 
         lm = load_model(spec or DEFAULT_MODEL, device=device, cache_dir=cache_dir)
         self.name = lm.slug
