@@ -99,6 +99,7 @@ SAED_BATCH = ("model_id", "layer", "sae_set", "features")
 SAED_FEATURE = ("feature_index", "activations", "pos_str", "pos_values", "neg_str", "neg_values",
                 "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values")
 SAED_ACTIVATION = ("tokens", "values", "bin_min", "bin_max")
+NUMBER = (int, float)
 
 
 def _need(row, keys: tuple[str, ...], where: str) -> dict:
@@ -110,16 +111,48 @@ def _need(row, keys: tuple[str, ...], where: str) -> dict:
     return row
 
 
+def _listed(row: dict, key: str, kind: type | tuple[type, ...], where: str) -> list:
+    """row[key], a list whose items are all of `kind` (booleans are not numbers)."""
+    xs = row[key]
+    if not isinstance(xs, list) or any(isinstance(x, bool) or not isinstance(x, kind)
+                                       for x in xs):
+        raise ImportFormatError(f"{where}: {key} is not a list of "
+                                f"{'strings' if kind is str else 'numbers'}")
+    return xs
+
+
 def _saed_activation(idx: int, a: dict, where: str) -> dict:
     """One SAEDashboard activation as a Neuronpedia Activation row: the peak is the first
     largest value; the top group has bin_min -1 as in Neuronpedia's layout."""
-    vals = _need(a, SAED_ACTIVATION, where)["values"]
-    if not vals or len(vals) != len(a["tokens"]):
+    vals = _listed(_need(a, SAED_ACTIVATION, where), "values", NUMBER, where)
+    if not vals or len(vals) != len(_listed(a, "tokens", str, where)):
         raise ImportFormatError(f"{where} has {len(a['tokens'])} tokens and {len(vals)} values")
     peak = max(range(len(vals)), key=vals.__getitem__)
     return {"index": idx, "tokens": a["tokens"], "values": vals, "maxValue": vals[peak],
             "maxValueTokenIndex": peak, "minValue": min(vals), "binMin": a["bin_min"],
             "binMax": a["bin_max"]}
+
+
+def _saed_feature(f: dict, where: str) -> tuple[dict, list[dict]]:
+    """One SAEDashboard feature as a Neuronpedia Neuron row and its Activation rows."""
+    idx = int(_need(f, SAED_FEATURE, where)["feature_index"])
+    for k in ("pos", "neg"):
+        if len(_listed(f, k + "_str", str, where)) != len(_listed(f, k + "_values", NUMBER,
+                                                                   where)):
+            raise ImportFormatError(f"{where}: {k}_str and {k}_values differ in length")
+    for k in ("freq_hist_data_bar_heights", "freq_hist_data_bar_values"):
+        _listed(f, k, NUMBER, where)
+    rows = [_saed_activation(idx, a, f"{where}: activation {i}")
+            for i, a in enumerate(f["activations"])]
+    return ({"index": idx, "maxActApprox": max((r["maxValue"] for r in rows), default=0.0),
+             **{k: f[k] for k in SAED_FEATURE[2:]}}, rows)
+
+
+def _saed_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImportFormatError(f"{path} is not JSON: {exc}") from None
 
 
 def read_saedashboard(folder: Path) -> SourceFiles:
@@ -131,37 +164,30 @@ def read_saedashboard(folder: Path) -> SourceFiles:
                    key=lambda p: int(BATCH_JSON.fullmatch(p.name).group(1)))
     heads, feats, acts, dataset = set(), [], [], None
     for path in files:
+        batch = _need(_saed_json(path), SAED_BATCH, str(path))
         try:
-            batch = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ImportFormatError(f"{path} is not JSON: {exc}") from None
-        _need(batch, SAED_BATCH, str(path))
-        heads.add((batch["model_id"], int(batch["layer"]), batch["sae_set"],
-                   batch.get("sae_id_suffix")))
-        for n, f in enumerate(batch["features"]):
-            where = f"{path}: feature {n}"
-            idx = int(_need(f, SAED_FEATURE, where)["feature_index"])
-            for k in ("pos", "neg"):
-                if len(f[k + "_str"]) != len(f[k + "_values"]):
-                    raise ImportFormatError(f"{where}: {k}_str and {k}_values differ in length")
-            rows = [_saed_activation(idx, a, f"{where}: activation {i}")
-                    for i, a in enumerate(f["activations"])]
-            feats.append({"index": idx, "maxActApprox": max((r["maxValue"] for r in rows),
-                                                              default=0.0),
-                          **{k: f[k] for k in SAED_FEATURE[2:]}})
-            acts += rows
-            dataset = dataset or f.get("dataset")
+            heads.add((str(batch["model_id"]), int(batch["layer"]), str(batch["sae_set"]),
+                       batch.get("sae_id_suffix")))
+            for n, f in enumerate(batch["features"]):
+                feat, rows = _saed_feature(f, f"{path}: feature {n}")
+                feats.append(feat)
+                acts += rows
+                dataset = dataset or f.get("dataset")
+        except ImportFormatError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ImportFormatError(f"{path}: {exc}") from None
     if not feats:
         raise ImportFormatError(f"{folder}: its batch files hold no features")
     if len(heads) != 1:
         raise ImportFormatError(f"{folder}: its batch files are of {len(heads)} sources "
-                                f"{sorted(heads)}: one folder holds one source")
+                                f"{sorted(map(str, heads))}: one folder holds one source")
     dup = [i for i, c in Counter(f["index"] for f in feats).items() if c > 1]
     if dup:
         raise ImportFormatError(f"{folder}: feature {dup[0]} is in more than one batch file")
     (model, layer, sae_set, suffix), = heads
-    settings = (folder / "run_settings.json")
-    settings = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+    settings = folder / "run_settings.json"
+    settings = _need(_saed_json(settings), (), str(settings)) if settings.is_file() else {}
     named = SAED_FOLDER.search(folder.name)
     suffix = suffix or settings.get("np_sae_id_suffix")
     meta = {"id": f"{layer}-{sae_set}" + (f"__{suffix}" if suffix else ""),

@@ -24,6 +24,7 @@ from app.config import Settings
 from app.db.engine import make_engine
 from app.db.tables import Feature, Model, Source
 from app.main import create_app
+from tests.web.test_web_import import write_fixture
 
 SCRIPT_TOKEN = "<script>window.__pwned = 1</script>"
 MODEL, SET, LAYER, HOOK, WIDTH = "tiny-gpt", "res-sd", 2, "blocks.2.hook_resid_post", 16
@@ -172,6 +173,18 @@ def duplicate(folder):
                                                      "sae_set": SET, "features": [FEATURES[1]]}))
 
 
+def text_values(folder):
+    act = {**FEATURES[5]["activations"][0], "values": ["2.0"]}
+    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER,
+                                                     "sae_set": SET,
+                                                     "features": [feature(5, [act])]}))
+
+
+def text_layer(folder):
+    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": "two",
+                                                     "sae_set": SET, "features": [FEATURES[5]]}))
+
+
 @pytest.mark.parametrize(("spoil", "message"), [
     (broken_feature, r"batch-1\.json: feature 0 lacks activations"),
     (broken_activation, r"batch-1\.json: feature 0: activation 0 lacks tokens"),
@@ -179,6 +192,8 @@ def duplicate(folder):
     (not_json, r"batch-1\.json is not JSON"),
     (other_source, r"batch files are of 2 sources"),
     (duplicate, r"feature 1 is in more than one batch file"),
+    (text_values, r"batch-1\.json: feature 0: activation 0: values is not a list of numbers"),
+    (text_layer, r"batch-1\.json: invalid literal for int"),
 ])
 def test_bad_output_gets_one_error_and_writes_nothing(db_url, tmp_path, spoil, message):
     good = write_output(tmp_path / "a")  # a good source beside the bad one: not written either
@@ -191,6 +206,17 @@ def test_bad_output_gets_one_error_and_writes_nothing(db_url, tmp_path, spoil, m
     with engine.connect() as conn:
         for table in (Model, Source, Feature):
             assert conn.scalar(select(func.count()).select_from(table)) == 0
+    engine.dispose()
+
+
+def test_both_formats_in_one_folder_import_together(db_url, tmp_path):
+    write_output(tmp_path / "saedashboard")
+    write_fixture(tmp_path)  # Neuronpedia's layout in np-tiny/3-res-jb, from test_web_import
+    assert main(["import", str(tmp_path), "--db", db_url]) == 0
+    engine = make_engine(db_url)
+    with TestClient(create_app(Settings(database_url=db_url), engine=engine)) as c:
+        assert c.get(f"/{MODEL}/{SOURCE}/1.json").json()["stats"]["max_act"] == 5.5
+        assert c.get("/np-tiny/3-res-jb/0.json").json()["stats"]["max_act"] == 4.5
     engine.dispose()
 
 
