@@ -79,6 +79,10 @@ class SourceFiles:
     acts: list[dict]
     expl: list[dict]
 
+    @property
+    def slug(self) -> str:
+        return self.source_meta.get("id") or self.feats[0]["layer"]
+
 
 def read_neuronpedia(folder: Path) -> SourceFiles:
     """A folder of Neuronpedia's bulk layout: features/, activations/, explanations/."""
@@ -127,6 +131,9 @@ def _saed_activation(idx: int, a: dict, where: str) -> dict:
     vals = _listed(_need(a, SAED_ACTIVATION, where), "values", NUMBER, where)
     if not vals or len(vals) != len(_listed(a, "tokens", str, where)):
         raise ImportFormatError(f"{where} has {len(a['tokens'])} tokens and {len(vals)} values")
+    if not all(isinstance(a[k], NUMBER) and not isinstance(a[k], bool)
+               for k in ("bin_min", "bin_max")):
+        raise ImportFormatError(f"{where}: bin_min and bin_max are not numbers")
     peak = max(range(len(vals)), key=vals.__getitem__)
     return {"index": idx, "tokens": a["tokens"], "values": vals, "maxValue": vals[peak],
             "maxValueTokenIndex": peak, "minValue": min(vals), "binMin": a["bin_min"],
@@ -269,6 +276,9 @@ def import_dir(engine: Engine, root: Path) -> list[Imported]:
     by_model: dict[str, list[SourceFiles]] = defaultdict(list)
     for folder, read in source_folders(Path(root)):
         part = read(folder)
+        same = [p.folder for p in by_model[part.model] if p.slug == part.slug]
+        if same:
+            raise ImportFormatError(f"{same[0]} and {folder} both hold {part.model}/{part.slug}")
         by_model[part.model].append(part)
     out = []
     with transaction(engine) as s:
@@ -301,7 +311,7 @@ def import_dir(engine: Engine, root: Path) -> list[Imported]:
 def _import_source(s, m: Model, tokens: Tokens, part: SourceFiles) -> str:
     folder, meta, feats, acts, expl = (part.folder, part.source_meta, part.feats, part.acts,
                                        part.expl)
-    slug = meta.get("id") or feats[0]["layer"]
+    slug = part.slug
     hook = meta.get("hookName") or feats[0].get("hookName") or ""
     layer = re.match(r"(?:blocks\.)?(\d+)", hook) or re.match(r"(\d+)", slug)
     n_features = max(int(meta.get("numFeatures") or 0), max(_idx(f) for f in feats) + 1)

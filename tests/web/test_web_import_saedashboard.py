@@ -142,17 +142,23 @@ def test_the_sae_id_suffix_names_the_source(db_url, tmp_path, in_batch):
     engine.dispose()
 
 
+def second_batch(folder, features, **head):
+    """Replaces the fixture's batch-1.json by one of these features (and head fields)."""
+    (folder / "batch-1.json").write_text(json.dumps(
+        {"model_id": MODEL, "layer": LAYER, "sae_set": SET, "features": features, **head}))
+
+
+def with_activation(**over):
+    return [feature(5, [{**FEATURES[5]["activations"][0], **over}])]
+
+
 def broken_feature(folder):
-    bad = {k: v for k, v in FEATURES[1].items() if k != "activations"}
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER,
-                                                     "sae_set": SET, "features": [bad]}))
+    second_batch(folder, [{k: v for k, v in FEATURES[1].items() if k != "activations"}])
 
 
 def broken_activation(folder):
     act = {k: v for k, v in FEATURES[5]["activations"][0].items() if k != "tokens"}
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER,
-                                                     "sae_set": SET,
-                                                     "features": [feature(5, [act])]}))
+    second_batch(folder, [feature(5, [act])])
 
 
 def broken_head(folder):
@@ -164,25 +170,23 @@ def not_json(folder):
 
 
 def other_source(folder):
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER + 1,
-                                                     "sae_set": SET, "features": [FEATURES[5]]}))
+    second_batch(folder, [FEATURES[5]], layer=LAYER + 1)
 
 
 def duplicate(folder):
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER,
-                                                     "sae_set": SET, "features": [FEATURES[1]]}))
+    second_batch(folder, [FEATURES[1]])
 
 
 def text_values(folder):
-    act = {**FEATURES[5]["activations"][0], "values": ["2.0"]}
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": LAYER,
-                                                     "sae_set": SET,
-                                                     "features": [feature(5, [act])]}))
+    second_batch(folder, with_activation(values=["2.0"]))
+
+
+def no_bin(folder):
+    second_batch(folder, with_activation(bin_max=None))
 
 
 def text_layer(folder):
-    (folder / "batch-1.json").write_text(json.dumps({"model_id": MODEL, "layer": "two",
-                                                     "sae_set": SET, "features": [FEATURES[5]]}))
+    second_batch(folder, [FEATURES[5]], layer="two")
 
 
 @pytest.mark.parametrize(("spoil", "message"), [
@@ -193,6 +197,7 @@ def text_layer(folder):
     (other_source, r"batch files are of 2 sources"),
     (duplicate, r"feature 1 is in more than one batch file"),
     (text_values, r"batch-1\.json: feature 0: activation 0: values is not a list of numbers"),
+    (no_bin, r"activation 0: bin_min and bin_max are not numbers"),
     (text_layer, r"batch-1\.json: invalid literal for int"),
 ])
 def test_bad_output_gets_one_error_and_writes_nothing(db_url, tmp_path, spoil, message):
@@ -217,6 +222,17 @@ def test_both_formats_in_one_folder_import_together(db_url, tmp_path):
     with TestClient(create_app(Settings(database_url=db_url), engine=engine)) as c:
         assert c.get(f"/{MODEL}/{SOURCE}/1.json").json()["stats"]["max_act"] == 5.5
         assert c.get("/np-tiny/3-res-jb/0.json").json()["stats"]["max_act"] == 4.5
+    engine.dispose()
+
+
+def test_two_copies_of_a_source_are_refused(db_url, tmp_path):
+    write_output(tmp_path / "a")
+    write_output(tmp_path / "b")
+    with pytest.raises(SystemExit, match=f"both hold {MODEL}/{SOURCE}"):
+        main(["import", str(tmp_path), "--db", db_url])
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Model)) == 0
     engine.dispose()
 
 
