@@ -1,10 +1,12 @@
 """Import of sources in Neuronpedia's bulk layout (app/export.py writes it; Neuronpedia's own
-exports have it), so a published source can be browsed here offline.
+exports have it) and in SAEDashboard's `batch-N.json` output (its NeuronpediaRunner's upload
+files), so a published or generated source can be browsed here offline.
 
-Tokens arrive as strings: an imported model's vocabulary is the distinct token strings of its
-files (ids in order of first appearance), and each example is a sequence of its own. What the
-layout does not carry is listed in the README ("Export and import"). Everything of one import
-is written in one transaction.
+Each reader turns a folder into `SourceFiles` (rows in Neuronpedia's column names); one writer
+stores them. Tokens arrive as strings: an imported model's vocabulary is the distinct token
+strings of its files (ids in order of first appearance), and each example is a sequence of its
+own. What the formats do not carry is listed in the README ("Export and import"). Everything of
+one import is written in one transaction.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,13 +66,160 @@ def _batches(folder: Path) -> list[dict]:
     return [row for f in files for row in _lines(f)]
 
 
-def source_folders(root: Path) -> list[Path]:
-    """The folders under root (itself included, two levels down) that hold features/."""
-    found = [p.parent for depth in ("", "*/", "*/*/") for p in root.glob(f"{depth}features")
-             if p.is_dir() and any(p.glob("batch-*.jsonl*"))]
+@dataclass
+class SourceFiles:
+    """One source read from a folder, as rows in Neuronpedia's column names."""
+
+    folder: Path
+    origin: str  # what wrote it, for the dataset row
+    model: str
+    model_meta: dict
+    source_meta: dict
+    feats: list[dict]
+    acts: list[dict]
+    expl: list[dict]
+
+    @property
+    def slug(self) -> str:
+        return self.source_meta.get("id") or self.feats[0]["layer"]
+
+
+def read_neuronpedia(folder: Path) -> SourceFiles:
+    """A folder of Neuronpedia's bulk layout: features/, activations/, explanations/."""
+    meta = {k: (_lines(folder / f"{k}.jsonl")[0] if (folder / f"{k}.jsonl").is_file() else {})
+            for k in ("model", "source")}
+    feats = _batches(folder / "features")
+    return SourceFiles(folder, f"neuronpedia export {folder.name}",
+                       meta["model"].get("id") or feats[0]["modelId"], meta["model"],
+                       meta["source"], feats, _batches(folder / "activations"),
+                       _batches(folder / "explanations") if (folder / "explanations").is_dir()
+                       else [])
+
+
+BATCH_JSON = re.compile(r"batch-(\d+)\.json")
+# SAEDashboard's NeuronpediaRunner names its output folder {model}_{sae_set}_{hook}_{d_sae}[_sfx]
+SAED_FOLDER = re.compile(r"_(?P<hook>blocks\.\d+\.[\w.]+?)_(?P<width>\d+)(?:_|$)")
+SAED_BATCH = ("model_id", "layer", "sae_set", "features")
+SAED_FEATURE = ("feature_index", "activations", "pos_str", "pos_values", "neg_str", "neg_values",
+                "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values")
+SAED_ACTIVATION = ("tokens", "values", "bin_min", "bin_max")
+NUMBER = (int, float)
+
+
+def _need(row, keys: tuple[str, ...], where: str) -> dict:
+    if not isinstance(row, dict):
+        raise ImportFormatError(f"{where} is not a JSON object")
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ImportFormatError(f"{where} lacks {', '.join(missing)}")
+    return row
+
+
+def _listed(row: dict, key: str, kind: type | tuple[type, ...], where: str) -> list:
+    """row[key], a list whose items are all of `kind` (booleans are not numbers)."""
+    xs = row[key]
+    if not isinstance(xs, list) or any(isinstance(x, bool) or not isinstance(x, kind)
+                                       for x in xs):
+        raise ImportFormatError(f"{where}: {key} is not a list of "
+                                f"{'strings' if kind is str else 'numbers'}")
+    return xs
+
+
+def _saed_activation(idx: int, a: dict, where: str) -> dict:
+    """One SAEDashboard activation as a Neuronpedia Activation row: the peak is the first
+    largest value; the top group has bin_min -1 as in Neuronpedia's layout."""
+    vals = _listed(_need(a, SAED_ACTIVATION, where), "values", NUMBER, where)
+    if not vals or len(vals) != len(_listed(a, "tokens", str, where)):
+        raise ImportFormatError(f"{where} has {len(a['tokens'])} tokens and {len(vals)} values")
+    if not all(isinstance(a[k], NUMBER) and not isinstance(a[k], bool)
+               for k in ("bin_min", "bin_max")):
+        raise ImportFormatError(f"{where}: bin_min and bin_max are not numbers")
+    peak = max(range(len(vals)), key=vals.__getitem__)
+    return {"index": idx, "tokens": a["tokens"], "values": vals, "maxValue": vals[peak],
+            "maxValueTokenIndex": peak, "minValue": min(vals), "binMin": a["bin_min"],
+            "binMax": a["bin_max"]}
+
+
+def _saed_feature(f: dict, where: str) -> tuple[dict, list[dict]]:
+    """One SAEDashboard feature as a Neuronpedia Neuron row and its Activation rows."""
+    idx = int(_need(f, SAED_FEATURE, where)["feature_index"])
+    for k in ("pos", "neg"):
+        if len(_listed(f, k + "_str", str, where)) != len(_listed(f, k + "_values", NUMBER,
+                                                                   where)):
+            raise ImportFormatError(f"{where}: {k}_str and {k}_values differ in length")
+    for k in ("freq_hist_data_bar_heights", "freq_hist_data_bar_values"):
+        _listed(f, k, NUMBER, where)
+    rows = [_saed_activation(idx, a, f"{where}: activation {i}")
+            for i, a in enumerate(f["activations"])]
+    return ({"index": idx, "maxActApprox": max((r["maxValue"] for r in rows), default=0.0),
+             **{k: f[k] for k in SAED_FEATURE[2:]}}, rows)
+
+
+def _saed_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImportFormatError(f"{path} is not JSON: {exc}") from None
+
+
+def read_saedashboard(folder: Path) -> SourceFiles:
+    """A folder of SAEDashboard's batch-N.json files (one JSON object each: model_id, layer,
+    sae_set and its features with their activations), plus its run_settings.json if present.
+    The source is named as Neuronpedia names it: {layer}-{sae_set}[__{suffix}], the suffix from
+    the batch's sae_id_suffix or the run's np_sae_id_suffix; the max is the largest activation."""
+    files = sorted((p for p in folder.glob("batch-*.json") if BATCH_JSON.fullmatch(p.name)),
+                   key=lambda p: int(BATCH_JSON.fullmatch(p.name).group(1)))
+    heads, feats, acts, dataset = set(), [], [], None
+    for path in files:
+        batch = _need(_saed_json(path), SAED_BATCH, str(path))
+        try:
+            heads.add((str(batch["model_id"]), int(batch["layer"]), str(batch["sae_set"]),
+                       batch.get("sae_id_suffix")))
+            for n, f in enumerate(batch["features"]):
+                feat, rows = _saed_feature(f, f"{path}: feature {n}")
+                feats.append(feat)
+                acts += rows
+                dataset = dataset or f.get("dataset")
+        except ImportFormatError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ImportFormatError(f"{path}: {exc}") from None
+    if not feats:
+        raise ImportFormatError(f"{folder}: its batch files hold no features")
+    if len(heads) != 1:
+        raise ImportFormatError(f"{folder}: its batch files are of {len(heads)} sources "
+                                f"{sorted(map(str, heads))}: one folder holds one source")
+    dup = [i for i, c in Counter(f["index"] for f in feats).items() if c > 1]
+    if dup:
+        raise ImportFormatError(f"{folder}: feature {dup[0]} is in more than one batch file")
+    (model, layer, sae_set, suffix), = heads
+    settings = folder / "run_settings.json"
+    settings = _need(_saed_json(settings), (), str(settings)) if settings.is_file() else {}
+    named = SAED_FOLDER.search(folder.name)
+    suffix = suffix or settings.get("np_sae_id_suffix")
+    meta = {"id": f"{layer}-{sae_set}" + (f"__{suffix}" if suffix else ""),
+            "hookName": named.group("hook") if named else f"blocks.{layer}",
+            "numFeatures": int(named.group("width")) if named else 0,
+            "dataset": settings.get("huggingface_dataset_path") or dataset}
+    return SourceFiles(folder, f"SAEDashboard output {folder.name}", model, {}, meta, feats,
+                       acts, [])
+
+
+def source_folders(root: Path) -> list[tuple[Path, Callable[[Path], SourceFiles]]]:
+    """The folders under root (itself included, two levels down) that hold a source, each with
+    its reader: features/batch-N.jsonl[.gz] is Neuronpedia's layout, batch-N.json SAEDashboard's."""
+    found = {}
+    for depth in ("", "*/", "*/*/"):
+        for p in root.glob(f"{depth}features"):
+            if p.is_dir() and any(p.glob("batch-*.jsonl*")):
+                found[p.parent] = read_neuronpedia
+        for p in root.glob(f"{depth}batch-*.json"):
+            if p.is_file() and BATCH_JSON.fullmatch(p.name):
+                found.setdefault(p.parent, read_saedashboard)
     if not found:
-        raise ImportFormatError(f"{root} holds no Neuronpedia export (no features/batch-N.jsonl.gz)")
-    return sorted(found)
+        raise ImportFormatError(f"{root} holds no Neuronpedia export (no features/batch-N.jsonl.gz)"
+                                " and no SAEDashboard output (no batch-N.json)")
+    return sorted(found.items())
 
 
 @dataclass
@@ -123,14 +273,13 @@ class Imported:
 
 def import_dir(engine: Engine, root: Path) -> list[Imported]:
     """Import every source folder under root, in one transaction."""
-    folders = source_folders(Path(root))
-    by_model: dict[str, list[tuple[Path, dict, list[dict]]]] = defaultdict(list)
-    for folder in folders:
-        meta = {k: (_lines(folder / f"{k}.jsonl")[0] if (folder / f"{k}.jsonl").is_file()
-                    else {}) for k in ("model", "source")}
-        feats = _batches(folder / "features")
-        model = meta["model"].get("id") or feats[0]["modelId"]
-        by_model[model].append((folder, meta, feats))
+    by_model: dict[str, list[SourceFiles]] = defaultdict(list)
+    for folder, read in source_folders(Path(root)):
+        part = read(folder)
+        same = [p.folder for p in by_model[part.model] if p.slug == part.slug]
+        if same:
+            raise ImportFormatError(f"{same[0]} and {folder} both hold {part.model}/{part.slug}")
+        by_model[part.model].append(part)
     out = []
     with transaction(engine) as s:
         for model, parts in by_model.items():
@@ -138,16 +287,13 @@ def import_dir(engine: Engine, root: Path) -> list[Imported]:
                 raise ImportFormatError(f"the database already has a model {model!r}: import into "
                                    "a database without it")
             tokens = Tokens()
-            loaded = [(folder, meta, feats, _batches(folder / "activations"),
-                       _batches(folder / "explanations") if (folder / "explanations").is_dir()
-                       else []) for folder, meta, feats in parts]
-            for *_, feats, acts, _ in loaded:  # the vocabulary first: the model row needs it
-                for a in acts:
+            for part in parts:  # the vocabulary first: the model row needs it
+                for a in part.acts:
                     tokens.of(a["tokens"])
-                for f in feats:
+                for f in part.feats:
                     tokens.of(f.get("pos_str") or [])
                     tokens.of(f.get("neg_str") or [])
-            meta = loaded[0][1]["model"]
+            meta = parts[0].model_meta
             vocab = list(tokens.ids)
             thash = "strings:" + hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:24]
             m = Model(slug=model, hub_id=f"import:{root}", revision=None, arch="imported",
@@ -157,23 +303,21 @@ def import_dir(engine: Engine, root: Path) -> list[Imported]:
             s.add(m)
             s.flush()
             s.add(Vocabulary(model_id=m.id, tokens=vocab))
-            names = []
-            for folder, meta, feats, acts, expl in loaded:
-                names.append(_import_source(s, m, tokens, folder, meta["source"], feats, acts,
-                                            expl))
-            out.append(Imported(model, names, sum(len(p[2]) for p in loaded)))
+            names = [_import_source(s, m, tokens, part) for part in parts]
+            out.append(Imported(model, names, sum(len(p.feats) for p in parts)))
     return out
 
 
-def _import_source(s, m: Model, tokens: Tokens, folder: Path, meta: dict, feats: list[dict],
-                   acts: list[dict], expl: list[dict]) -> str:
-    slug = meta.get("id") or feats[0]["layer"]
+def _import_source(s, m: Model, tokens: Tokens, part: SourceFiles) -> str:
+    folder, meta, feats, acts, expl = (part.folder, part.source_meta, part.feats, part.acts,
+                                       part.expl)
+    slug = part.slug
     hook = meta.get("hookName") or feats[0].get("hookName") or ""
     layer = re.match(r"(?:blocks\.)?(\d+)", hook) or re.match(r"(\d+)", slug)
     n_features = max(int(meta.get("numFeatures") or 0), max(_idx(f) for f in feats) + 1)
     seqs = [np.asarray(tokens.of(a["tokens"]), dtype=SEQUENCE_TOKENS) for a in acts]
     ds = Dataset(slug=f"import-{m.slug}-{slug}", name=meta.get("dataset") or f"imported {slug}",
-                 source=f"neuronpedia export {folder.name}", slice="",
+                 source=part.origin, slice="",
                  n_sequences=len(seqs), seq_len=max((len(q) for q in seqs), default=1),
                  bos_policy=BosPolicy.none, tokenizer_hash=m.tokenizer_hash)
     s.add(ds)

@@ -1,5 +1,6 @@
 """`featurescope export`: one source in Neuronpedia's bulk layout or as parquet tables
-(app/export.py); `featurescope import`: sources in Neuronpedia's layout (app/imports.py)."""
+(app/export.py); `featurescope import`: sources in Neuronpedia's layout or SAEDashboard's
+batch-N.json output (app/imports.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         upgrade(engine)
         done = import_dir(engine, folder)
     except (ImportFormatError, KeyError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {folder} is not a Neuronpedia export this can read: "
+        raise SystemExit(f"error: {folder} is not a Neuronpedia export or SAEDashboard output this "
+                         f"can read: "
                          f"{type(exc).__name__}: {exc}") from None
     finally:
         engine.dispose()
@@ -61,7 +63,8 @@ def register(sub) -> None:
     e.add_argument("--db", default=None)
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("import", help="read sources in Neuronpedia's bulk layout (from "
-                       "featurescope export or Neuronpedia's exports) into the database")
+                       "featurescope export or Neuronpedia's exports) or SAEDashboard's "
+                       "batch-N.json output into the database")
     i.add_argument("folder", metavar="DIR")
     i.add_argument("--db", default=None)
     i.set_defaults(func=cmd_import)
