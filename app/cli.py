@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = DemoConfig(model=args.model, dataset=args.dataset, max_tokens=args.max_tokens,
                      seq_len=args.seq_len, first_layers=args.first_layers,
-                     sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
+                     first_tokens=args.first_tokens, sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
                      sae_train_tokens=args.sae_train_tokens, device=args.device,
                      local_explanations=args.local_explanations,
                      progress_bar=not args.quiet)
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--first-layers", default=demo["first_layers"],
                    help="the layers whose neurons are harvested first, alone (default: "
                    f"{demo['first_layers']})")
+    d.add_argument("--first-tokens", type=int, default=demo["first_tokens"],
+                   help="corpus tokens of that first harvest; then those layers again over the "
+                   f"whole corpus (default: {demo['first_tokens']:,})")
     d.add_argument("--sae-hook", default=demo["sae_hook"],
                    help=f"where the demo SAE is trained (default: {demo['sae_hook']})")
     d.add_argument("--sae-features", type=int, default=demo["sae_features"])

@@ -22,6 +22,7 @@ from workers.demo import Demo, DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="pydoc", max_tokens=600 * 32, seq_len=32, first_layers="0",
+            first_tokens=96 * 32,
             sae_hook="blocks.1.hook_resid_post", sae_features=32, sae_k=4,
             sae_train_tokens=16 * 32, device="cpu", local_explanations=0, progress_bar=False)
 SAE = "1-res-sae-32"
@@ -40,19 +41,34 @@ def ready(settings: Settings) -> set[str]:
     return {slug for slug, (status, _) in sources(settings).items() if status == "ready"}
 
 
+def total_tokens(settings: Settings) -> dict[str, int]:
+    eng = create_engine(settings.db_url)
+    with eng.connect() as conn:
+        rows = conn.execute(text("SELECT slug, total_tokens FROM sources")).all()
+    eng.dispose()
+    return dict(rows)
+
+
 def test_steps_run_first_layers_first_and_a_rerun_does_nothing(tmp_path, tiny_llama_dir):
+    """The first layers over a slice of the corpus first, then again over all of it."""
     settings = Settings(data_dir=tmp_path)
     cfg = DemoConfig(model=str(tiny_llama_dir), **TINY)
-    readable = []
-    done = Demo(cfg, settings).run(lambda step, _: readable.append(ready(settings)))
+    readable, harvested = [], []
+
+    def after(step, _):
+        readable.append(ready(settings))
+        harvested.append(total_tokens(settings).get("0-mlp"))
+
+    done = Demo(cfg, settings).run(after)
     sae_dir = tmp_path / "saes" / SAE
     assert [outcome for _, outcome in done] == [
-        "harvested 0-mlp", "harvested 1-mlp", f"trained into {sae_dir}", f"harvested {SAE}",
-        f"explained {96 + 96 + 32} features", "left out"]
-    # what a reader of the database could open after each step
+        "harvested 0-mlp", "harvested 0-mlp", "harvested 1-mlp", f"trained into {sae_dir}",
+        f"harvested {SAE}", f"explained {96 + 96 + 32} features", "left out"]
+    # what a reader of the database could open after each step, and over how many tokens
     everything = {"0-mlp", "1-mlp", SAE}
-    assert readable == [{"0-mlp"}, {"0-mlp", "1-mlp"}, {"0-mlp", "1-mlp"}, everything,
-                        everything, everything]
+    assert readable == [{"0-mlp"}, {"0-mlp"}, {"0-mlp", "1-mlp"}, {"0-mlp", "1-mlp"},
+                        everything, everything, everything]
+    assert harvested == [TINY["first_tokens"]] + [TINY["max_tokens"]] * 6
     eng = create_engine(settings.db_url)
     with eng.connect() as conn:
         explained = conn.execute(text(
@@ -66,8 +82,8 @@ def test_steps_run_first_layers_first_and_a_rerun_does_nothing(tmp_path, tiny_ll
 
     again = Demo(cfg, settings).run()
     assert [outcome for _, outcome in again] == [
-        "already harvested", "already harvested", "already trained", "already harvested",
-        "already explained", "left out"]
+        "already harvested", "already harvested", "already harvested", "already trained",
+        "already harvested", "already explained", "left out"]
     assert sources(settings) == before  # nothing written again
 
 
@@ -76,20 +92,21 @@ def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, tiny_llama_dir, 
     cfg = DemoConfig(model=str(tiny_llama_dir), **TINY)
     shards = []
 
-    def interrupt_in_second_step(shard: int) -> None:
+    def interrupt_in_third_step(shard: int) -> None:  # (0-mlp is building in the second)
         shards.append(shard)
         if ready(settings) == {"0-mlp"} and shard == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Demo(cfg, settings, after_shard=interrupt_in_second_step).run()
+        Demo(cfg, settings, after_shard=interrupt_in_third_step).run()
     assert {s: st for s, (st, _) in sources(settings).items()} == {
         "0-mlp": "ready", "1-mlp": "building"}
     assert list((tmp_path / "checkpoints").glob("*/state.pt"))
     with caplog.at_level(logging.INFO, logger="workers.harvest"):
         done = Demo(cfg, settings).run()
     assert "resuming: 1 of 3 shards already done" in caplog.text
-    assert [outcome for _, outcome in done][:2] == ["already harvested", "harvested 1-mlp"]
+    assert [outcome for _, outcome in done][:3] == ["already harvested", "already harvested",
+                                                    "harvested 1-mlp"]
     assert ready(settings) == {"0-mlp", "1-mlp", SAE}
     assert not list((tmp_path / "checkpoints").glob("*/state.pt"))
 
@@ -149,7 +166,7 @@ def test_demo_serves_before_it_harvests_and_stops_its_server(tmp_path, tiny_llam
     # service manager stops it) ends both quietly.
     proc, out = start_demo(tmp_path, tiny_llama_dir, port)
     try:
-        assert out.count(": already ") == 5, out
+        assert out.count(": already ") == 6, out
         assert httpx.get(f"{base}/{slug}/1-mlp/3").status_code == 200
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -41,6 +41,9 @@ class DemoConfig:
     seq_len: int = 128
     first_layers: str = "0-1"
     """The layers whose neurons are harvested first, alone: the first pages to browse."""
+    first_tokens: int = 16_384
+    """Corpus tokens of that first harvest (a slice, so the first pages come within minutes);
+    the next step harvests those layers again over the whole corpus, replacing the slice."""
     sae_hook: str = "blocks.15.hook_resid_post"
     """Where the demo SAE is trained (a hook point of the model)."""
     sae_features: int = 4096
@@ -61,7 +64,7 @@ class DemoConfig:
 
         check_layers(self.first_layers)  # the range is checked once the model is loaded
         source_slug(self.sae_hook, self.sae_features)  # a known hook point
-        for name in ("seq_len", "sae_features", "sae_k", "sae_train_tokens"):
+        for name in ("seq_len", "first_tokens", "sae_features", "sae_k", "sae_train_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -104,7 +107,10 @@ class Demo:
     def steps(self) -> list[Step]:
         cfg = self.cfg
         return [
-            Step(f"neurons of layers {cfg.first_layers}", lambda: self._harvest(cfg.first_layers)),
+            Step(f"neurons of layers {cfg.first_layers} over the first {cfg.first_tokens:,} "
+                 "tokens", lambda: self._harvest(cfg.first_layers, max_tokens=self._first_cap())),
+            Step(f"neurons of layers {cfg.first_layers} over the whole corpus",
+                 self._harvest_sliced_again),
             Step("neurons of every layer", lambda: self._harvest("all")),
             Step(f"train the SAE {cfg.sae_slug} on {cfg.sae_hook}", self._train),
             Step(f"features of the SAE {cfg.sae_slug}",
@@ -141,7 +147,43 @@ class Demo:
         finally:
             engine.dispose()
 
-    def _harvest(self, layers: str, saes: tuple[Path, ...] = ()) -> str:
+    def _first_cap(self) -> int:
+        cap = self.cfg.max_tokens
+        return self.cfg.first_tokens if cap is None else min(cap, self.cfg.first_tokens)
+
+    def _sliced_layers(self) -> list[str]:
+        """The layers whose neurons only the first step harvested, over its slice: sources that
+        stopped at the slice's cap (a corpus shorter than the slice was harvested whole)."""
+        from sqlalchemy import select
+
+        from app.db.engine import make_engine, transaction
+        from app.db.tables import Model, Source, SourceKind, SourceStatus
+
+        cap, seq_len = self._first_cap(), self.cfg.seq_len
+        engine = make_engine(self.settings.db_url)
+        try:
+            with transaction(engine) as session:
+                rows = session.execute(
+                    select(Source.layer, Source.total_tokens)
+                    .join(Model, Model.id == Source.model_id)
+                    .where(Model.slug == (self.model_slug or ""),
+                           Source.kind == SourceKind.neurons,
+                           Source.status == SourceStatus.ready)).all()
+        finally:
+            engine.dispose()
+        return sorted(str(layer) for layer, n in rows if cap - seq_len < n <= cap)
+
+    def _harvest_sliced_again(self) -> str:
+        cap = self.cfg.max_tokens
+        if cap is not None and cap <= self.cfg.first_tokens:
+            return "already harvested"  # the first step's slice was all there is to harvest
+        layers = self._sliced_layers()
+        if not layers:
+            return "already harvested"
+        return self._harvest(",".join(layers), replace=True)
+
+    def _harvest(self, layers: str, saes: tuple[Path, ...] = (), *,
+                 max_tokens: int | None = None, replace: bool = False) -> str:
         from workers.runner import HarvestRunner, RunConfig
 
         if saes and self._sae_harvested():
@@ -149,9 +191,9 @@ class Demo:
         settings, cfg = self.settings, self.cfg
         result = HarvestRunner(RunConfig(
             db_url=settings.db_url, model=cfg.model, dataset=cfg.dataset, layers=layers,
-            saes=[str(s) for s in saes], max_tokens=cfg.max_tokens, seq_len=cfg.seq_len,
-            device=cfg.device, cache_dir=settings.cache_dir,
-            checkpoint_dir=settings.checkpoint_dir, skip_existing=True,
+            saes=[str(s) for s in saes], max_tokens=max_tokens or cfg.max_tokens,
+            seq_len=cfg.seq_len, device=cfg.device, cache_dir=settings.cache_dir,
+            checkpoint_dir=settings.checkpoint_dir, skip_existing=not replace, replace=replace,
             progress_bar=cfg.progress_bar), after_shard=self.after_shard,
             on_progress=self._check_stop).run()
         self.model_slug = result.model
