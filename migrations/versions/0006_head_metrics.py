@@ -14,8 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('sources') as batch:
-        batch.add_column(sa.Column('head_metrics', sa.JSON(), nullable=True))
+    op.add_column('sources', sa.Column('head_metrics', sa.JSON(), nullable=True))
     op.create_table(
         'attention_rows',
         sa.Column('source_id', sa.Integer(), nullable=False),
@@ -31,5 +30,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('attention_rows')
-    with op.batch_alter_table('sources') as batch:
-        batch.drop_column('head_metrics')
+    # ALTER TABLE ... DROP COLUMN (SQLite 3.35+), not a batch copy of `sources`: dropping the
+    # old copy would cascade to every feature and example of every source.
+    op.drop_column('sources', 'head_metrics')

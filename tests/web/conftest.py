@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from support import (
     BROWSER_ARGS,
     CHROMIUM,
+    LOOPBACK,
     LiveWorld,
     disposing_engines,
     fresh_pg_url,
@@ -133,6 +134,14 @@ def app(web_db):
 @pytest.fixture(scope="session")
 def client(app) -> TestClient:
     with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local(app) -> TestClient:
+    """A client on this machine (loopback): a server bound to loopback lets it run the model
+    without a key, as `make run` does."""
+    with TestClient(app, client=LOOPBACK) as c:
         yield c
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
-from support import LOOPBACK, serve_in_thread
+from support import serve_in_thread
 
 from app.config import Settings
 from app.db import lists as store
@@ -44,12 +44,6 @@ def app(db):
 @pytest.fixture(scope="module")
 def remote(app):
     with TestClient(app, client=REMOTE) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def local(app):
-    with TestClient(app, client=LOOPBACK) as c:
         yield c
 
 

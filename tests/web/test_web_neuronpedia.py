@@ -160,12 +160,13 @@ def test_an_unknown_list_is_404_in_the_envelope(client, path):
 @pytest.mark.parametrize("path", ["/api/activation/new", "/api/activation/source",
                                   "/api/search-all", "/api/search-topk-by-token"])
 @pytest.mark.parametrize("slash", ["", "/"])
-def test_live_endpoints_answer_with_and_without_the_slash(client, web_db, path, slash):
+def test_live_endpoints_answer_with_and_without_the_slash(local, web_db, path, slash):
     """Found, with or without the slash Neuronpedia's client adds, never redirected: on a
-    server without --live, the 503 that says how to enable it."""
+    server without --live, the 503 that says how to enable it (asked from loopback, which
+    needs no key)."""
     body = {"modelId": web_db.llama, "source": "1-mlp", "sourceSet": "mlp", "text": "hi",
             "customText": "hi", "feature": {"modelId": web_db.llama, "layer": "1-mlp",
                                             "index": "3"}}
-    r = client.post(path + slash, json=body, follow_redirects=False)
+    r = local.post(path + slash, json=body, follow_redirects=False)
     assert r.status_code == 503, r.text
     assert "serve --live" in r.json()["error"]

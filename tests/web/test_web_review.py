@@ -10,18 +10,11 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from support import LOOPBACK
 
 from app.config import Settings
 from app.db.engine import make_engine, upgrade
 from app.main import create_app
 from app.middleware import SECURITY_HEADERS
-
-
-@pytest.fixture(scope="module")
-def local(app):
-    with TestClient(app, client=LOOPBACK) as c:
-        yield c
 
 
 def _has_security_headers(r) -> None:
