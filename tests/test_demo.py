@@ -111,6 +111,13 @@ def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, tiny_llama_dir, 
     assert not list((tmp_path / "checkpoints").glob("*/state.pt"))
 
 
+def _interruptible() -> None:
+    """In the demo's process before it starts: Ctrl-C (SIGINT) delivered as a terminal delivers
+    it, whatever the test process does with it (an ignored or blocked signal is inherited)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(data_dir: Path, model_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
     """`featurescope demo` in a process of its own, read until its steps are done: (process,
     what it printed)."""
@@ -120,7 +127,8 @@ def start_demo(data_dir: Path, model_dir: Path, port: int) -> tuple[subprocess.P
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "demo", "--model", str(model_dir), *args,
          "--port", str(port), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_interruptible)
     lines = []
     for line in proc.stdout:
         lines.append(line)
