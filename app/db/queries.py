@@ -92,6 +92,7 @@ _BLOCKS = (
     .where(ExampleBlock.source_id == bindparam("source_id"),
            ExampleBlock.feature_idx == bindparam("index"))
     .order_by(ExampleBlock.group).limit(MAX_ROWS))
+_SHOWN_BLOCKS = _BLOCKS.where(ExampleBlock.group >= 0)  # `zero` (-1) is for scorers only
 _SEQUENCES = select(Sequence.idx, Sequence.tokens).where(
     Sequence.dataset_id == bindparam("dataset_id"),
     Sequence.idx.in_(bindparam("seqs", expanding=True)))
@@ -129,11 +130,13 @@ def feature(session: Session, *, source_id: int, index: int) -> Row | None:
         _FEATURE, {"source_id": source_id, "index": index}).first()
 
 
-def examples(session: Session, *, source_id: int, dataset_id: int, index: int
-             ) -> list[StoredExample]:
-    """The examples of one feature with the token blob of their sequence, by group and rank."""
+def examples(session: Session, *, source_id: int, dataset_id: int, index: int,
+             with_zero: bool = False) -> list[StoredExample]:
+    """The examples of one feature with the token blob of their sequence, by group and rank:
+    those pages show, and with `with_zero` the non-activating ones too."""
     conn = session.connection()
-    stored = [ex for b in conn.execute(_BLOCKS, {"source_id": source_id, "index": index})
+    blocks = _BLOCKS if with_zero else _SHOWN_BLOCKS
+    stored = [ex for b in conn.execute(blocks, {"source_id": source_id, "index": index})
               for ex in unpack_examples(b.group, b.n, b.window, b.data)]
     if not stored:
         return []

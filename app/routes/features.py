@@ -64,8 +64,6 @@ def _read_feature(session: Session, vocabs: queries.VocabCache, src: Row, index:
     vocab = vocabs.get(session, model_id=src.model_id, tokenizer_hash=src.tokenizer_hash)
     top, bottom, quantiles = [], [], {}
     for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index):
-        if e.group == ExampleGroup.zero:  # non-activating examples are for scorers
-            continue
         ex = make(e, vocab)
         if e.group == ExampleGroup.top:
             top.append(ex)

@@ -78,7 +78,8 @@ def feature_examples(session: Session, vocabs: queries.VocabCache, src: Row, ind
     out.top_tokens = [(vocab.text(t), c) for t, c in row.top_tokens]
     out.top_logits = [vocab.text(t) for t, _ in row.top_logits]
     quantiles: dict[int, list[Window]] = {}
-    for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index):
+    for e in queries.examples(session, source_id=src.id, dataset_id=src.dataset_id, index=index,
+                              with_zero=True):
         w = _window(e, vocab, src.bos_policy == BosPolicy.prepended)
         if e.group == ExampleGroup.top:
             out.top.append(w)
