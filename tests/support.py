@@ -337,14 +337,14 @@ def brute_cofiring(x):
     return co, co / (n[:, None] + n[None, :] - co), torch.corrcoef(x.T)
 
 
-def assert_lists_close(got, want, values, rel=1e-6):
+def assert_lists_close(got, want, values, rel=1e-6, abs=1e-9):  # noqa: A002 - pytest.approx's name
     """Lists of (j, value) per row against brute_lists: same lengths; at each rank the same value, and the listed feature has that value (ties
     within float rounding may list either of two features)."""
     assert [len(g) for g in got] == [len(w) for w in want]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         for (j, v), (_, wv) in zip(g, w, strict=True):
-            assert v == pytest.approx(wv, rel=rel, abs=1e-9)
-            assert values[i, j].item() == pytest.approx(v, rel=rel, abs=1e-9)
+            assert v == pytest.approx(wv, rel=rel, abs=abs)
+            assert values[i, j].item() == pytest.approx(v, rel=rel, abs=abs)
 
 
 class LiveWorld:

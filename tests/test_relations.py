@@ -14,7 +14,14 @@ from app.db.tables import Relation, Source
 from workers.corpus import load_dataset
 from workers.harvest import HarvestConfig, Harvester, neuron_sources, run_harvest
 from workers.loading import load_model
-from workers.relations import N_RELATED, cofiring_rows, direction_rows
+from workers.relations import (
+    MAX_COFIRING_FEATURES,
+    N_RELATED,
+    best,
+    cofiring_rows,
+    direction_rows,
+    self_cosine_best,
+)
 from workers.runner import HarvestRunner, RunConfig
 from workers.sae import sae_sources, save_sae
 
@@ -127,13 +134,69 @@ def test_a_harvest_writes_its_relations(db_url, tmp_path, tiny_gpt2_dir):
     engine.dispose()
 
 
-def test_migration_0007_goes_up_and_down(db_url):
+def test_best_takes_the_lowest_columns_among_ties_like_a_full_sort():
+    """best() is a top-k with exact tie handling: against brute_lists on coarse values full of
+    ties, NaN and infinities, with and without leaving out each row's own column."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        n, f = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 40, (1,),
+                                                                                generator=g))
+        v = torch.randint(-3, 4, (n, f), generator=g).double() / 2
+        for frac, x in ((0.2, float("nan")), (0.1, float("-inf")), (0.1, float("inf"))):
+            v[torch.rand(n, f, generator=g) < frac] = x
+        own = trial % 2 == 0 and n <= f
+        got = best(v, 5, exclude_from=0 if own else None)
+        want = brute_lists(v, self_too=not own, k=5)
+        assert got == want, trial
+
+
+@pytest.mark.parametrize(("n", "block"), [(1, 2), (2, 2), (7, 2), (130, 32), (300, 64)])
+def test_blocked_symmetric_cosine_lists_equal_brute_force(n, block):
+    """self_cosine_best computes only the blocks on and above the diagonal and serves each
+    block's columns from its transpose: the lists of the full product, zero rows left out."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randint(-2, 3, (n, 6), generator=g).float()  # a coarse grid: many equal cosines
+    w[3 % n] = 0  # a zero direction: NaN, in no list
+    u = w / w.norm(dim=1, keepdim=True)
+    full = u.double() @ u.double().T
+    # float32 products: orthogonal grid vectors come out within 1e-7 of 0, either side
+    assert_lists_close(self_cosine_best(u, 5, block=block), brute_lists(full, k=5), full,
+                       abs=1e-6)
+
+
+def test_cofiring_is_refused_for_sources_wider_than_its_limit(db_url, tmp_path, tiny_gpt2_dir):
+    """Co-firing keeps two [F, F] matrices: a wider SAE is refused before anything is
+    registered, with what to do instead."""
+    from workers.runner import PlanError
+
+    save_sae(random_sae("topk", 64, MAX_COFIRING_FEATURES + 1024, hook="blocks.1.hook_resid_post"),
+             tmp_path / "wide")
+    cfg = RunConfig(db_url=db_url, model=str(tiny_gpt2_dir), dataset="pydoc", layers="none",
+                    saes=[str(tmp_path / "wide")], max_tokens=16 * 16, seq_len=16, batch_size=4,
+                    progress_bar=False, harvest=HarvestConfig(**{**CFG, "relations": True}))
+    with pytest.raises(PlanError, match="without --relations"):
+        HarvestRunner(cfg).run()
     engine = make_engine(db_url)
+    with transaction(engine) as s:
+        assert s.execute(select(Source)).scalars().all() == []
+    engine.dispose()
+
+
+def test_migrations_0007_and_0008_go_up_and_down(db_url):
+    engine = make_engine(db_url)
+
+    def indexes() -> set[str]:
+        return {i["name"] for i in inspect(engine).get_indexes("relations")}
+
     upgrade(engine, "0006")
     assert "relations" not in inspect(engine).get_table_names()
-    upgrade(engine)
+    upgrade(engine, "0007")
     assert "relations" in inspect(engine).get_table_names()
-    assert {"ix_relations_other"} <= {i["name"] for i in inspect(engine).get_indexes("relations")}
+    assert "ix_relations_other" in indexes()
+    upgrade(engine)
+    assert "ix_relations_other_source" in indexes() and "ix_relations_other" not in indexes()
+    upgrade(engine, "0007")
+    assert "ix_relations_other" in indexes() and "ix_relations_other_source" not in indexes()
     upgrade(engine, "0006")
     assert "relations" not in inspect(engine).get_table_names()
     engine.dispose()

@@ -307,11 +307,24 @@ def test_files_that_do_not_fit_are_refused(tiny_gpt2, tmp_path):
         load_sae(tmp_path / "noweights")
 
 
-def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_url):
+def _varied_sae(arch: str, width: int):
+    """A random SAE whose codes vary from token to token on the tiny model: no biases (its
+    activations are small, so let their direction decide)."""
+    sae = random_sae(arch, 64, width)
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.mark.parametrize(("arch", "width"), [("topk", 96), ("topk", 4096), ("jumprelu", 4096)])
+def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_url, arch, width):
     """Stored top examples, values, windows, stats and logits of an SAE source against encoding
-    every token of the dataset directly."""
+    every token of the dataset directly (the harvest fills SAE sources from their sparse
+    codes)."""
     from app.db.engine import make_engine, upgrade
     from app.db.tables import ExampleGroup, Feature, Source
+    from app.histogram import histogram_edges
     from workers import store
     from workers.accumulate import window_start
     from workers.corpus import load_dataset
@@ -319,15 +332,13 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     from workers.harvest import HarvestConfig, Harvester, run_harvest
 
     lm = tiny_gpt2
-    sae = random_sae("topk", 64, 96)
-    with torch.no_grad():  # the tiny model's activations are small: let their direction decide
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = _varied_sae(arch, width)
     save_sae(sae, tmp_path / "sae")
     specs = sae_sources(lm, [str(tmp_path / "sae")])
     ds = load_dataset("pydoc", lm.tokenizer, seq_len=32, max_tokens=40 * 32)
     cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=4,
                         shard_sequences=12)
+    assert cfg.sparse
     states = run_harvest(Harvester(lm, ds.tokens, specs, cfg, bos_first=True))
     engine = make_engine(db_url)
     upgrade(engine)
@@ -337,13 +348,15 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     captured = []
     lm.run_with_hooks(ds.tokens, [HOOK], lambda _n, a: captured.append(a.clone()))
     t = {k: v for k, v in sae.tensors().items()}
-    acts = formula(t, captured[0], "topk", k=6)  # [N, T, 96], every token
+    acts = formula(t, captured[0], arch, k=sae.cfg.k)  # [N, T, width], every token
     body = acts[:, 1:]
+    flat = body.reshape(-1, width).double()
     peak, ppos = body.max(1)
-    sid = reg.source_ids["1-res-sae-96"]
+    edges = torch.tensor(histogram_edges(), dtype=torch.float64)
+    sid = reg.source_ids[source_slug(HOOK, width)]
     with engine.connect() as conn:
         src = conn.execute(select(Source).where(Source.id == sid)).one()
-        assert (src.kind, src.status, src.sae_config["k"]) == ("sae", "ready", 6)
+        assert (src.kind, src.status, src.sae_config.get("k")) == ("sae", "ready", sae.cfg.k)
         feats = conn.execute(select(Feature).where(Feature.source_id == sid)
                              .order_by(Feature.idx)).all()
         examples = stored_examples(conn, sid)
@@ -351,12 +364,17 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
     for e in examples:
         by_feature.setdefault(e.feature_idx, []).append(e)
     assert not [e for e in examples if e.group == ExampleGroup.bottom]
+    fired = (peak > 0).T.tolist()  # [width][sequence]
     n_checked = 0
-    for f in range(96):
-        cands = sorted((-peak[s, f].item(), s) for s in range(len(ds.tokens)) if peak[s, f] > 0)
+    for f in range(width):
+        cands = sorted((-peak[s, f].item(), s) for s in range(len(ds.tokens)) if fired[f][s])
         want = [s for _, s in cands[:cfg.top_k]]
-        top = [e for e in by_feature.get(f, []) if e.group == ExampleGroup.top]
+        mine = by_feature.get(f, [])
+        top = [e for e in mine if e.group == ExampleGroup.top]
         assert [e.seq_idx for e in top] == want, f"feature {f}"
+        zero = [e.seq_idx for e in mine if e.group == ExampleGroup.zero]
+        assert len(zero) == min(cfg.n_zero, len(ds.tokens) - len(cands)), f"feature {f}"
+        assert not [s for s in zero if fired[f][s]], f"feature {f}"
         for e in top:
             s = e.seq_idx
             assert e.peak_value == pytest.approx(peak[s, f].item(), rel=1e-5, abs=1e-6)
@@ -367,9 +385,53 @@ def test_harvested_sae_source_equals_brute_force_encode(tiny_gpt2, tmp_path, db_
             np.testing.assert_allclose(stored, acts[s, start:start + cfg.window, f].half().float(),
                                        rtol=2e-3, atol=1e-4)
             n_checked += 1
-        row = feats[f]
-        assert row.n_active == int((body[:, :, f] > 0).sum())
-        assert row.max_act == pytest.approx(body[:, :, f].max().item(), rel=1e-5, abs=1e-6)
+    col = flat.T  # [width, tokens]
+    rows = {name: np.array([getattr(r, name) for r in feats]) for name in (
+        "n_active", "max_act", "min_act", "mean_act", "std_act")}
+    np.testing.assert_array_equal(rows["n_active"], (col > 0).sum(1).numpy())
+    np.testing.assert_allclose(rows["max_act"], col.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["min_act"], col.min(1).values.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["mean_act"], col.mean(1).numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(rows["std_act"], col.std(1, correction=0).numpy(), rtol=1e-3,
+                               atol=1e-6)
+    bins = (torch.bucketize(flat.float().double(), edges, right=True) - 1).clamp(0, len(edges) - 2)
+    want_hist = torch.zeros(width, len(edges) - 1, dtype=torch.int64).scatter_add_(
+        1, bins.T, torch.ones_like(bins.T))
+    got_hist = torch.tensor([json.loads(r.histogram) if isinstance(r.histogram, str)
+                             else r.histogram for r in feats])
+    assert torch.equal(got_hist, want_hist)
+    for f in range(0, width, max(1, width // 64)):
         eff = lm.logit_effects(sae.W_dec[f:f + 1])[0]
-        assert [tok for tok, _ in row.top_logits] == eff.topk(10).indices.tolist()
-    assert n_checked > 2 * 96, n_checked  # most features fired in several sequences
+        assert [tok for tok, _ in feats[f].top_logits] == eff.topk(10).indices.tolist()
+    n_fired = sum(map(any, fired))
+    assert n_fired > width // 4, n_fired  # the codes vary: many features fired somewhere
+    assert (flat > 0).double().mean() < 0.5  # and most codes are zeros
+    assert n_checked >= n_fired, n_checked
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "standard"])
+def test_sparse_codes_fill_the_same_state_as_dense_ones(tiny_gpt2, tmp_path, arch):
+    """An SAE source filled from its non-zero codes equals the same source filled from the
+    dense codes: eager torch, the native loop, and the loop without host synchronisations."""
+    from support import assert_states_equal
+
+    from workers.corpus import load_dataset
+    from workers.harvest import HarvestConfig, Harvester, run_harvest
+
+    lm = tiny_gpt2
+    save_sae(_varied_sae(arch, 4096), tmp_path / "sae")
+    specs = sae_sources(lm, [str(tmp_path / "sae")])
+    ds = load_dataset("pydoc", lm.tokenizer, seq_len=32, max_tokens=40 * 32)
+    runs = {}
+    for name, kw in {"dense": dict(sparse=False), "dense-native": dict(sparse=False, compile=True),
+                     "sparse": {}, "sparse-sync-free": dict(sync_free=True)}.items():
+        cfg = HarvestConfig(top_k=5, n_ranges=2, per_range=2, window=12, batch_size=4,
+                            shard_sequences=12, **kw)
+        harvester = Harvester(lm, ds.tokens, specs, cfg, bos_first=True)
+        assert harvester._sparse(specs[0]) == (name == "sparse" or (
+            name == "sparse-sync-free" and arch == "topk"))
+        runs[name] = run_harvest(harvester)
+    for states in runs.values():
+        assert_states_equal(runs["dense"], states)
+    top = runs["sparse"][specs[0].slug].top
+    assert int(torch.isfinite(top.score).sum()) > 4096  # features fired in many sequences

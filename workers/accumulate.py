@@ -17,9 +17,11 @@ from workers.state import (
     EMPTY_SEQ,
     Ranked,
     SourceState,
+    SparseCodes,
     Stats,
     batch_reduce,
     sample_keys,
+    sparse_reduce,
 )
 
 ReduceFn = Callable[[Tensor, int], tuple[Tensor, ...]]
@@ -35,6 +37,33 @@ def window_start(pos: Tensor, seq_len: int, window: int) -> Tensor:
     """Where the window around a peak at `pos` starts: `window_lead` tokens before the peak,
     moved inside the sequence."""
     return (pos - window_lead(window)).clamp(0, seq_len - window)
+
+
+def sparse_windows(codes: SparseCodes, batch: int, seq_len: int, pos: Tensor, window: int, *,
+                   rows: Tensor | None = None, feats: Tensor | None = None) -> Tensor:
+    """Windows of sparse codes (float16) around peaks at pos, where window_start cuts them:
+    for the n candidates (batch rows, features) given, [n, window]; without rows and feats,
+    for every (row, feature) of the batch, pos [batch, F] -> [batch, F, window]. Each entry
+    of the codes lands in the window of its (row, feature), if it falls inside it."""
+    n_feat, dev = codes.n_features, codes.val.device
+    all_pairs = rows is None
+    if all_pairs:
+        rows = torch.arange(batch, device=dev).repeat_interleave(n_feat)
+        feats = torch.arange(n_feat, device=dev).repeat(batch)
+        pos = pos.reshape(-1)
+    n = rows.numel()
+    which = torch.full((batch * n_feat,), -1, dtype=torch.int64, device=dev)
+    which[rows * n_feat + feats] = torch.arange(n, device=dev)
+    start = window_start(pos, seq_len, window)
+    row, tpos = codes.tok // seq_len, codes.tok % seq_len
+    c = which[row * n_feat + codes.feat]
+    off = tpos - start[c.clamp(min=0)]
+    inside = (c >= 0) & (off >= 0) & (off < window)
+    out = torch.zeros(n * window + 1, dtype=torch.float16, device=dev)
+    # entries outside every window are written to the spare last element
+    out[torch.where(inside, c * window + off, n * window)] = codes.val.to(torch.float16)
+    out = out[:-1].view(n, window)
+    return out.view(batch, n_feat, window) if all_pairs else out
 
 
 class Accumulator:
@@ -89,35 +118,10 @@ class Accumulator:
         if f != self.n_features:
             raise ValueError(f"expected {self.n_features} features, got {f}")
         mx, amx, mn, amn, s, ss, n_active, hist = self.reduce_fn(acts, self.first)
-        st = self.state.stats
-        st.n_tokens += b * (t - self.first)
-        st.n_active += n_active
-        st.sum += s
-        st.sumsq += ss
-        st.max = torch.maximum(st.max, mx.max(0).values)
-        st.min = torch.minimum(st.min, mn.min(0).values)
-        st.hist += hist
-        self.state.n_sequences += b
+        self._add_stats(b, t, mx, mn.min(0).values, s, ss, n_active, hist)
         if self.state.cofire is not None:
             self.state.cofire.update(acts, self.first)
-
-        seq = torch.arange(seq0, seq0 + b, device=acts.device)[:, None].expand(b, f)
-        neg_inf = float("-inf")
-
-        def candidates(score: Tensor, pos: Tensor, value: Tensor) -> Ranked:
-            ok = torch.isfinite(score)
-            return Ranked(score=score, seq=torch.where(ok, seq, EMPTY_SEQ), pos=pos.int(),
-                          value=value, slot=torch.full_like(seq, -1))
-
-        # Each ranking's candidates: (ranking, score (-inf: not a candidate), position, value).
-        fired = mx > 0
-        offers = [(self.state.top, torch.where(fired, mx, neg_inf), amx, mx)]
-        if self.state.bottom is not None:
-            offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
-        keys = sample_keys(seq[:, 0], f, self.seed)
-        offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
-        if self.state.zero is not None:
-            offers.append((self.state.zero, torch.where(fired, neg_inf, keys), amx, mx))
+        offers = self._offers(mx, amx, mn, amn, seq0)
         if self.native and acts.dtype == torch.float32:
             # Early in a pass most candidates enter: then one copy of the batch laid out
             # [batch, F, seq] makes every window a contiguous read instead of `window` strided
@@ -132,19 +136,90 @@ class Accumulator:
             for ranking, score, pos, value in offers:
                 self._admit_native(ranking, score, pos, value, src, seq0)
         else:
-            admit = self._admit_all if self.sync_free else self._admit
             for ranking, score, pos, value in offers:
-                admit(ranking, candidates(score, pos, value), acts, seq0)
+                cand = self._candidates(score, pos, value, seq0)
+                if self.sync_free:
+                    self._admit_all(ranking, cand, self._cut_all(acts, cand.pos))
+                else:
+                    self._admit(ranking, cand, seq0,
+                                lambda rows, feats, pos: self._cut(acts, rows, feats, pos))
+        self._maybe_compact()
+
+    def update_sparse(self, codes: SparseCodes, batch: int, seq_len: int, seq0: int) -> None:
+        """The same as update(codes.dense().view(batch, seq_len, F), seq0), from the non-zero
+        codes of an SAE alone (codes >= 0, so there is no bottom ranking): statistics, peaks and
+        windows are read off the entries, and the zeros follow from counts."""
+        if codes.n_features != self.n_features:
+            raise ValueError(f"expected {self.n_features} features, got {codes.n_features}")
+        if self.state.bottom is not None or self.state.cofire is not None:
+            raise ValueError("sparse codes fill sources without bottom examples or co-firing")
+        mx, amx, mn, s, ss, n_active, hist = sparse_reduce(codes, batch, seq_len, self.first)
+        self._add_stats(batch, seq_len, mx, mn, s, ss, n_active, hist)
+        every: list[Tensor] = []  # the rankings share their peaks (amx), hence their windows
+        for ranking, score, pos, value in self._offers(mx, amx, None, None, seq0):
+            cand = self._candidates(score, pos, value, seq0)
+            if self.sync_free:
+                if not every:
+                    every.append(sparse_windows(codes, batch, seq_len, amx, self.window))
+                self._admit_all(ranking, cand, every[0])
+            else:
+                self._admit(ranking, cand, seq0, lambda rows, feats, pos: sparse_windows(
+                    codes, batch, seq_len, pos, self.window, rows=rows, feats=feats))
+        self._maybe_compact()
+
+    def _add_stats(self, b: int, t: int, mx: Tensor, mn: Tensor, s: Tensor, ss: Tensor,
+                   n_active: Tensor, hist: Tensor) -> None:
+        """One batch's reductions into the statistics (mn: per feature)."""
+        st = self.state.stats
+        st.n_tokens += b * (t - self.first)
+        st.n_active += n_active
+        st.sum += s
+        st.sumsq += ss
+        st.max = torch.maximum(st.max, mx.max(0).values)
+        st.min = torch.minimum(st.min, mn)
+        st.hist += hist
+        self.state.n_sequences += b
+
+    def _offers(self, mx: Tensor, amx: Tensor, mn: Tensor | None, amn: Tensor | None,
+                seq0: int) -> list[tuple[Ranked, Tensor, Tensor, Tensor]]:
+        """Each ranking's candidates of one batch: (ranking, score (-inf: not a candidate),
+        position, value), each [batch, F]."""
+        b, f = mx.shape
+        neg_inf = float("-inf")
+        fired = mx > 0
+        offers = [(self.state.top, torch.where(fired, mx, neg_inf), amx, mx)]
+        if self.state.bottom is not None:
+            offers.append((self.state.bottom, torch.where(mn < 0, -mn, neg_inf), amn, mn))
+        keys = sample_keys(torch.arange(seq0, seq0 + b, device=mx.device), f, self.seed)
+        offers.append((self.state.sample, torch.where(fired, keys, neg_inf), amx, mx))
+        if self.state.zero is not None:
+            offers.append((self.state.zero, torch.where(fired, neg_inf, keys), amx, mx))
+        return offers
+
+    @staticmethod
+    def _candidates(score: Tensor, pos: Tensor, value: Tensor, seq0: int) -> Ranked:
+        b, f = score.shape
+        seq = torch.arange(seq0, seq0 + b, device=score.device)[:, None].expand(b, f)
+        ok = torch.isfinite(score)
+        return Ranked(score=score, seq=torch.where(ok, seq, EMPTY_SEQ), pos=pos.int(),
+                      value=value, slot=torch.full_like(seq, -1))
+
+    def _maybe_compact(self) -> None:
         if self._pool_size > 4 * self._live_slots + 65536:
             self._compact()
 
-    def _admit_all(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
-        """Without a host synchronisation (for GPUs): every candidate's window is cut, and the
-        ranking, windows included, is re-sorted whole. Same result as _admit."""
+    def _cut_all(self, acts: Tensor, pos: Tensor) -> Tensor:
+        """Every candidate's window [batch, F, window] (float16) around its peak pos [batch, F]."""
         t = acts.shape[1]
-        tok = window_start(cand.pos.long(), t, self.window)[:, None, :] + torch.arange(
+        tok = window_start(pos.long(), t, self.window)[:, None, :] + torch.arange(
             self.window, device=acts.device)[None, :, None]  # [batch, window, F]
-        cand.windows = acts.gather(1, tok).to(torch.float16).permute(0, 2, 1)  # [batch, F, W]
+        return acts.gather(1, tok).to(torch.float16).permute(0, 2, 1)
+
+    def _admit_all(self, ranking: Ranked, cand: Ranked, windows: Tensor) -> None:
+        """Without a host synchronisation (for GPUs): every candidate comes with its window
+        [batch, F, W], and the ranking, windows included, is re-sorted whole. Same result as
+        _admit."""
+        cand.windows = windows
         merged = ranking.merge(cand)
         ranking.score, ranking.seq, ranking.pos, ranking.value, ranking.windows = (
             merged.score, merged.seq, merged.pos, merged.value, merged.windows)
@@ -159,16 +234,19 @@ class Accumulator:
             self._chunks.append(windows)
             self._pool_size += windows.shape[0]
 
-    def _admit(self, ranking: Ranked, cand: Ranked, acts: Tensor, seq0: int) -> None:
+    def _admit(self, ranking: Ranked, cand: Ranked, seq0: int,
+               cut: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+        """Insert the candidates; `cut(rows, feats, pos)` gives the windows [n, width] of
+        those that entered (batch rows, features, peaks)."""
         new = ranking.offer(cand)
         rows, feats = new.nonzero(as_tuple=True)
         n = rows.numel()
         if n == 0:
             return
         b = ranking.seq[rows, feats] - seq0
-        self._chunks.append(self._cut(acts, b, feats, ranking.pos[rows, feats].long()))
+        self._chunks.append(cut(b, feats, ranking.pos[rows, feats].long()))
         ranking.slot[rows, feats] = torch.arange(
-            self._pool_size, self._pool_size + n, device=acts.device)
+            self._pool_size, self._pool_size + n, device=rows.device)
         self._pool_size += n
 
     def _cut(self, acts: Tensor, b: Tensor, feats: Tensor, pos: Tensor) -> Tensor:

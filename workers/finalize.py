@@ -38,6 +38,19 @@ def _json_rows(x: torch.Tensor) -> list[str]:
     return [f"[{r}]" for r in _json(x.tolist())[2:-2].split("],[")] if x.shape[0] else []
 
 
+def _json_pairs(items: list[list]) -> list[str]:
+    """The compact JSON of each item, a list of [number, number] pairs, from one encoding of
+    all the non-empty ones: same text as _json(item), a call per source instead of per item."""
+    out = ["[]"] * len(items)
+    full = [i for i, x in enumerate(items) if x]
+    if full:
+        # "[[[a,b],[c,d]],[[e,f]]]": items are separated by "]],[[", which no item holds
+        parts = _json([items[i] for i in full])[3:-3].split("]],[[")
+        for i, part in zip(full, parts, strict=True):
+            out[i] = f"[[{part}]]"
+    return out
+
+
 def logit_tables(lm, directions: torch.Tensor, k: int = N_LOGITS, chunk: int = 512
                  ) -> tuple[list, list]:
     """Direct logit attribution of each direction [n, d_model]: the top and bottom k tokens."""
@@ -152,12 +165,11 @@ def finalize_source(spec: SourceSpec, state: SourceState, *, lm, dataset, cfg: H
     stats = st.stats
     n = max(stats.n_tokens, 1)
     cols = zip(stats.max.tolist(), stats.min.tolist(), stats.mean.tolist(), stats.std.tolist(),
-               stats.n_active.tolist(), _json_rows(stats.hist), top_tokens, strict=True)
-    feats, peaks = [], []
-    for f, (mx, mn, mean, std, nact, hist, tt) in enumerate(cols):
-        feats.append((f, mx, mn, mean, std, nact / n, nact, stats.n_tokens, hist,
-                      _json(tops[f]), _json(bottoms[f]), _json(tt)))
-        peaks += [(t, f, c) for t, c in tt]
+               stats.n_active.tolist(), _json_rows(stats.hist), _json_pairs(tops),
+               _json_pairs(bottoms), _json_pairs(top_tokens), strict=True)
+    feats = [(f, mx, mn, mean, std, nact / n, nact, stats.n_tokens, hist, top, bottom, tt)
+             for f, (mx, mn, mean, std, nact, hist, top, bottom, tt) in enumerate(cols)]
+    peaks = [(t, f, c) for f, tt in enumerate(top_tokens) for t, c in tt]
 
     groups = [(ExampleGroup.top, st.top, torch.arange(st.top.size)[:, None].expand(
         -1, spec.n_features))]

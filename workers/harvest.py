@@ -22,7 +22,7 @@ from torch import Tensor
 
 from workers.accumulate import Accumulator
 from workers.relations import CoFiring
-from workers.state import Ranked, SourceState, Stats, batch_reduce
+from workers.state import Ranked, SourceState, SparseCodes, Stats, batch_reduce
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class HarvestConfig:
     sync_free: bool | None = None
     """Keep the batch loop free of host synchronisations (cut every candidate's window and
     re-sort whole rankings on the device). None: on CUDA devices only."""
+    sparse: bool = True
+    """Fill SAE sources from their non-zero codes (workers/state.py sparse_reduce) instead of
+    the dense [tokens, d_sae] codes; the same state. Not with `relations`, and on a device
+    without host synchronisations only for topk SAEs (a fixed number of codes per token)."""
     relations: bool = False
     """Keep co-firing statistics for the Jaccard and Pearson lists of related features
     (workers/relations.py): dense [F, F] products per batch."""
@@ -128,6 +132,8 @@ class SourceSpec:
     """Keep bottom examples (neurons can fire negatively; SAE features cannot)."""
     encode: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     """For SAE sources: [batch, seq, d_in] -> [batch, seq, d_sae]."""
+    encode_sparse: Callable[[Tensor], SparseCodes] | None = field(default=None, repr=False)
+    """For SAE sources: [batch, seq, d_in] -> the non-zero codes of encode (flat tokens)."""
     directions: Callable[[], Tensor] | None = field(default=None, repr=False)
     """Each feature's output direction [F, d_model], for direct logit attribution
     (W_out rows for neurons, W_dec rows for SAE features)."""
@@ -245,6 +251,12 @@ class Harvester:
         return Accumulator(spec.n_features, cofire=self.cfg.relations,
                            zero_size=self.cfg.n_zero, **kw)
 
+    def _sparse(self, spec: SourceSpec) -> bool:
+        """Whether a source is filled from its sparse codes (HarvestConfig.sparse)."""
+        if not self.cfg.sparse or spec.encode_sparse is None or self.cfg.relations:
+            return False
+        return not self.sync_free or (spec.sae_config or {}).get("architecture") == "topk"
+
     def run_shard(self, shard: int, progress: Callable[[int], None] | None = None
                   ) -> dict[str, SourceState]:
         device = self.lm.device
@@ -260,8 +272,10 @@ class Harvester:
 
             def on_activation(hook_name: str, act: Tensor, b0: int = b0) -> None:
                 for spec in by_hook[hook_name]:
-                    acts = act if spec.encode is None else spec.encode(act)
-                    accs[spec.slug].update(acts, b0)
+                    if self._sparse(spec):
+                        accs[spec.slug].update_sparse(spec.encode_sparse(act), *act.shape[:2], b0)
+                    else:
+                        accs[spec.slug].update(act if spec.encode is None else spec.encode(act), b0)
 
             self.lm.run_with_hooks(ids, self.hooks, on_activation)
             if progress is not None:

@@ -24,6 +24,8 @@ from app.db.tables import RelationKind
 
 N_RELATED = 10
 """Entries of each list of related features."""
+MAX_COFIRING_FEATURES = 16384
+"""The widest source whose co-firing statistics are kept (two [F, F] matrices: 3.2 GB here)."""
 ROW_CHUNK = 1024
 """Features whose lists are computed together (bounds the [chunk, F] working matrices)."""
 SPARSE_BELOW = 0.05
@@ -102,19 +104,99 @@ class CoFiring:
         return cov / (var[lo:hi, None] * var[None, :]).sqrt()
 
 
+def keep_best(v: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of v [n, m] (finite or -inf; ids [n, m] ascending along each row, m >= k), the
+    k best entries by (value desc, id asc), in id order: values and ids, [n, k] each.
+
+    A top-k, not a sort: the entries above the row's k-th best value, and of those equal to it
+    the first, as many as fit."""
+    n = v.shape[0]
+    kth = v.topk(k, dim=1).values[:, -1:]
+    above = v > kth
+    tie = v == kth
+    room = k - above.sum(1)
+    take = above | tie
+    crowded = (tie.sum(1) > room).nonzero().squeeze(1)  # more ties than room: the first ones
+    if crowded.numel():
+        t = tie[crowded]
+        take[crowded] = above[crowded] | (t & (t.cumsum(1) <= room[crowded, None]))
+    idx = take.nonzero()[:, 1].view(n, k)  # row-major: positions ascending within a row
+    return v.gather(1, idx), ids.gather(1, idx)
+
+
+def _lists(vals: Tensor, ids: Tensor) -> list[list[tuple[int, float]]]:
+    """Rows of kept (values, ids) in id order as lists by (value desc, id asc), -inf left out."""
+    order = torch.argsort(vals, dim=1, descending=True, stable=True)
+    return [[(c, x) for c, x in zip(cs, xs, strict=True) if x != float("-inf")]
+            for cs, xs in zip(ids.gather(1, order).tolist(), vals.gather(1, order).tolist(),
+                              strict=True)]
+
+
 def best(values: Tensor, k: int = N_RELATED, *, exclude_from: int | None = None
          ) -> list[list[tuple[int, float]]]:
     """Per row of values [n, F], the k best finite columns as (column, value) by (value desc,
     column asc); with exclude_from, row r leaves out column exclude_from + r (itself)."""
     v = values.clone()
+    n, width = v.shape
     if exclude_from is not None:
-        r = torch.arange(v.shape[0], device=v.device)
+        r = torch.arange(n, device=v.device)
         v[r, r + exclude_from] = float("nan")
+    k = min(k, width)
+    if n == 0 or k == 0:
+        return [[] for _ in range(n)]
     v = torch.where(torch.isfinite(v), v, float("-inf"))
-    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k]
-    top = v.gather(1, order)
-    return [[(c, x) for c, x in zip(cs, xs, strict=True) if x != float("-inf")]
-            for cs, xs in zip(order.tolist(), top.tolist(), strict=True)]
+    return _lists(*keep_best(v, torch.arange(width, device=v.device).expand(n, -1), k))
+
+
+def _block_best(x: Tensor, c0: int, k: int) -> tuple[Tensor, Tensor]:
+    """keep_best of a block x [n, m] whose columns are ids c0, c0 + 1, ...: a top-k of the
+    block, redone exactly for the rows where ties at the k-th value may have been cut
+    arbitrarily; values and ids [n, min(k, m)] in id order."""
+    kk = min(k, x.shape[1])
+    vals, idx = x.topk(kk, dim=1)
+    crowded = ((x >= vals[:, -1:]).sum(1) > kk).nonzero().squeeze(1)
+    if crowded.numel():
+        cols = torch.arange(x.shape[1], device=x.device).expand(crowded.numel(), -1)
+        vals[crowded], idx[crowded] = keep_best(x[crowded], cols, kk)
+    order = idx.argsort(1)
+    return vals.gather(1, order), idx.gather(1, order) + c0
+
+
+def self_cosine_best(u: Tensor, k: int = N_RELATED, block: int = 2048
+                     ) -> list[list[tuple[int, float]]]:
+    """best(u @ u.T, exclude_from=0) for unit rows u [F, d] (a NaN row: a zero direction, in no
+    list), from the blocks on and above the diagonal only, each also serving the rows of its
+    columns transposed: half the products. Every row block sees its column blocks in
+    increasing order, so the ids kept stay ascending."""
+    f = u.shape[0]
+    ok = torch.isfinite(u).all(1).nonzero().squeeze(1)
+    out: list[list[tuple[int, float]]] = [[] for _ in range(f)]
+    u = u[ok]
+    n = u.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return out
+    vals = torch.full((n, k), float("-inf"), device=u.device)
+    ids = torch.arange(-k, 0, device=u.device).expand(n, -1).clone()  # before every column
+    starts = list(range(0, n, block))
+    for i, lo in enumerate(starts):
+        hi = min(lo + block, n)
+        for lo2 in starts[i:]:
+            hi2 = min(lo2 + block, n)
+            sims = u[lo:hi] @ u[lo2:hi2].T
+            parts = [(lo, hi, lo2, sims)]
+            if lo2 == lo:
+                sims.fill_diagonal_(float("-inf"))
+            else:
+                parts.append((lo2, hi2, lo, sims.T))
+            for r0, r1, c0, x in parts:
+                bv, bi = _block_best(x, c0, k)
+                vals[r0:r1], ids[r0:r1] = keep_best(torch.cat([vals[r0:r1], bv], 1),
+                                                    torch.cat([ids[r0:r1], bi], 1), k)
+    ids = torch.where(ids >= 0, ok[ids.clamp(min=0)], ids)  # back to the source's indices
+    for row, lst in zip(ok.tolist(), _lists(vals, ids), strict=True):
+        out[row] = lst
+    return out
 
 
 RelationRow = tuple[int, str, int, str, int, float]
@@ -156,14 +238,13 @@ def direction_rows(directions: dict[str, Tensor]) -> dict[str, list[RelationRow]
     for slug, u in units.items():
         peers = [s for s, v in units.items() if s != slug and v.shape == u.shape]
         rows: list[RelationRow] = []
-        for lo in range(0, u.shape[0], ROW_CHUNK):
+        rows += _rows(RelationKind.cosine, slug, 0, self_cosine_best(u))
+        for lo in range(0, u.shape[0], ROW_CHUNK) if peers else ():
             chunk = u[lo:lo + ROW_CHUNK]
-            rows += _rows(RelationKind.cosine, slug, lo, best(chunk @ u.T, exclude_from=lo))
-            if peers:
-                sims = torch.cat([chunk @ units[p].T for p in peers], dim=1)
-                width = u.shape[0]
-                for r, lst in enumerate(best(sims)):
-                    rows += [(lo + r, RelationKind.cosine, rank, peers[c // width], c % width, v)
-                             for rank, (c, v) in enumerate(lst)]
+            sims = torch.cat([chunk @ units[p].T for p in peers], dim=1)
+            width = u.shape[0]
+            for r, lst in enumerate(best(sims)):
+                rows += [(lo + r, RelationKind.cosine, rank, peers[c // width], c % width, v)
+                         for rank, (c, v) in enumerate(lst)]
         out[slug] = rows
     return out

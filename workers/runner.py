@@ -34,6 +34,22 @@ def check_layers(text: str, flag: str = "--layers") -> str:
     return text.replace(" ", "")
 
 
+def check_cofiring(specs: list[SourceSpec], harvest: HarvestConfig) -> None:
+    """Co-firing statistics hold two [F, F] matrices per source: refused (PlanError) for a
+    source wider than MAX_COFIRING_FEATURES, before anything is registered."""
+    from workers.relations import MAX_COFIRING_FEATURES
+
+    wide = [s for s in specs if harvest.relations and s.kind != "heads"
+            and s.n_features > MAX_COFIRING_FEATURES]
+    if wide:
+        gb = max(s.n_features for s in wide) ** 2 * 12 / 1e9
+        raise PlanError(
+            f"--relations keeps [F, F] co-firing counts per source ({gb:,.0f} GB for "
+            f"{max(s.n_features for s in wide):,} features): {', '.join(s.slug for s in wide)} "
+            f"has more than {MAX_COFIRING_FEATURES:,} features; harvest it without --relations "
+            "(its cosine lists are made either way)")
+
+
 def parse_layers(text: str, n_layers: int, flag: str = "--layers") -> list[int]:
     """A layers spec (see check_layers) -> sorted layer indices, checked against n_layers."""
     text = check_layers(text, flag)
@@ -199,6 +215,7 @@ class HarvestRunner:
                                device=device, cache_dir=None if cfg.cache_dir is None
                                else str(cfg.cache_dir))
             asked = plan.sources(lm)
+            check_cofiring(asked, cfg.harvest)
             skipped = [s.slug for s in asked if s.slug in ready]
             specs = [s for s in asked if s.slug not in ready]
             if not specs:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from workers.harvest import SourceSpec
 from workers.models import parse_hook_name
 from workers.sae_config import UNSCALED_NORMALIZATIONS, SAEConfig, SAEFormatError
+from workers.state import SparseCodes
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,24 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activate(self.pre_acts(x))
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        """encode's non-zero entries only, for x [..., d_in] flattened to tokens: the same
+        values, without the dense [tokens, d_sae] result (a topk SAE never builds it; the other
+        architectures read their pre-activations once to find the non-zeros). Every code is
+        >= 0 (each architecture ends in a ReLU), so the zeros are all that is left out."""
+        h = self.pre_acts(x)
+        h = h.reshape(-1, self.cfg.d_sae)
+        if self.cfg.architecture == "topk":
+            top = h.topk(self.cfg.k, dim=-1, sorted=False)
+            val = top.values.relu().flatten()
+            tok = torch.arange(h.shape[0], device=h.device).repeat_interleave(self.cfg.k)
+            return SparseCodes(h.shape[0], self.cfg.d_sae, tok, top.indices.flatten(), val)
+        keep = h > 0
+        if self.cfg.architecture == "jumprelu":
+            keep &= h > self.threshold
+        tok, feat = keep.nonzero(as_tuple=True)
+        return SparseCodes(h.shape[0], self.cfg.d_sae, tok, feat, h[tok, feat])
 
     def decode(self, f: Tensor) -> Tensor:
         """[..., d_sae] -> [..., d_in], in the normalized space (see forward)."""
@@ -299,7 +318,8 @@ def sae_sources(lm, specs: list[str], *, device: str | torch.device = "cpu") -> 
         folder = path if path.is_dir() else path.parent
         out.append(SourceSpec(
             slug=slug, kind="sae", hook_name=cfg.hook_name, layer=layer, n_features=cfg.d_sae,
-            bottom=False, encode=sae.encode, directions=directions,
+            bottom=False, encode=sae.encode, encode_sparse=sae.encode_sparse,
+            directions=directions,
             sae_config={**cfg.to_dict(), "metrics": read_metrics(folder),
                         "path": str(path.resolve()), "sha256": sae_weights_sha256(path)}))
     return out

@@ -41,6 +41,66 @@ def batch_reduce(acts: Tensor, first: int) -> tuple[Tensor, ...]:
     return mx, amx + first, mn, amn + first, s, ss, n_active, hist.view(n_feat, HIST_BINS)
 
 
+@dataclass
+class SparseCodes:
+    """An SAE's codes for `n_tokens` tokens as (token, feature, value) entries; every entry not
+    listed is 0. Entries may hold a 0 value too (a topk code's ReLU'd pre-activation)."""
+
+    n_tokens: int
+    n_features: int
+    tok: Tensor
+    """[nnz] int64: the token's flat index, batch row * seq_len + position."""
+    feat: Tensor
+    """[nnz] int64"""
+    val: Tensor
+    """[nnz] in the SAE's dtype, >= 0."""
+
+    def dense(self) -> Tensor:
+        """[n_tokens, n_features]: what encode returns, flattened."""
+        out = self.val.new_zeros(self.n_tokens, self.n_features)
+        out[self.tok, self.feat] = self.val
+        return out
+
+
+def sparse_reduce(codes: SparseCodes, batch: int, seq_len: int, first: int
+                  ) -> tuple[Tensor, ...]:
+    """batch_reduce's results from a batch's non-zero codes alone, for codes >= 0.
+
+    Returns per (sequence, feature) the peak and its position, each [batch, F] (0 at the first
+    counted position where the feature never fired, as torch's max over zeros), and per
+    feature the minimum, sum, sum of squares, active count and histogram [F, HIST_BINS]. The
+    zeros are not read: they add nothing to the sums, they are the tokens the active count
+    leaves out (histogram bin 0), and they make the minimum 0 unless the feature fired on
+    every token. Same values as batch_reduce of the dense codes; the float64 sums may differ
+    in their last bits (another order of addition).
+    """
+    n_feat, dev = codes.n_features, codes.val.device
+    row, pos = codes.tok // seq_len, codes.tok % seq_len
+    val = codes.val.float()
+    ok = (pos >= first) & (val > 0)
+    val = torch.where(ok, val, 0.0)  # entries before `first`, or 0, weigh nothing
+    weight = ok.long()
+    n_tokens = batch * (seq_len - first)
+    n_active = torch.zeros(n_feat, dtype=torch.int64, device=dev).index_add_(0, codes.feat, weight)
+    s = torch.zeros(n_feat, dtype=torch.float64, device=dev).index_add_(0, codes.feat, val.double())
+    ss = torch.zeros(n_feat, dtype=torch.float64, device=dev).index_add_(
+        0, codes.feat, (val * val).double())
+    key = row * n_feat + codes.feat
+    mx = torch.zeros(batch * n_feat, device=dev).scatter_reduce_(0, key, val, "amax")
+    peak = ok & (val == mx[key])
+    amx = torch.full((batch * n_feat,), seq_len, dtype=torch.int64, device=dev).scatter_reduce_(
+        0, key, torch.where(peak, pos, seq_len), "amin")
+    amx = torch.where(amx < seq_len, amx, first)
+    bins = ((val.view(torch.int32) >> HIST_SHIFT) - HIST_BASE).clamp_(0, HIST_BINS - 1)
+    hist = torch.zeros(n_feat * HIST_BINS, dtype=torch.int64, device=dev).index_add_(
+        0, codes.feat * HIST_BINS + bins, weight).view(n_feat, HIST_BINS)
+    hist[:, 0] += n_tokens - n_active
+    low = torch.full((n_feat,), float("inf"), device=dev).scatter_reduce_(
+        0, codes.feat, torch.where(ok, val, float("inf")), "amin")
+    mn = torch.where(n_active < n_tokens, 0.0, low)
+    return mx.view(batch, n_feat), amx.view(batch, n_feat), mn, s, ss, n_active, hist
+
+
 def sample_keys(seq: Tensor, n_features: int, seed: int) -> Tensor:
     """Deterministic random priority keys in [0, 2**24) for every (sequence, feature): [B, F].
 

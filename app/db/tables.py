@@ -319,7 +319,7 @@ class Relation(Base):
 
     __tablename__ = "relations"
     __table_args__ = (
-        Index("ix_relations_other", "other_source_id", "other_idx"),
+        Index("ix_relations_other_source", "other_source_id"),
         {"sqlite_with_rowid": False},
     )
 
