@@ -195,3 +195,39 @@ def test_two_saes_of_different_seeds_match_on_their_true_features():
     assert len(both) >= 0.8 * dictionary.shape[0]
     assert sum(pairs.get(a) == b for a, b in both) >= 0.9 * len(both)
     assert sum(best[a].item() == b for a, b in both) >= 0.9 * len(both)
+
+
+def test_sparse_cross_products_equal_dense_ones_and_brute_force(monkeypatch):
+    """Batches of sparse codes (TopK-like: a few non-zeros per token, with a large constant
+    feature beside them) take the sparse products; their correlations equal the dense path's
+    and numpy's corrcoef over all tokens, whichever path each batch took."""
+    import numpy as np
+
+    import workers.match as match
+
+    g = torch.Generator().manual_seed(0)
+
+    def codes(n: int, f: int) -> torch.Tensor:
+        x = torch.zeros(n, f)
+        idx = torch.rand(n, f, generator=g).topk(3, dim=1).indices
+        x.scatter_(1, idx, torch.rand(n, 3, generator=g) * 4)
+        return x
+
+    batches = [(codes(300, 90), codes(300, 70)) for _ in range(4)]
+    batches[1][0][:, 5:7] = 1000.0 + torch.rand(300, 2, generator=g)  # dense, large features
+    dens = [max(match._density(xa), match._density(xb)) for xa, xb in batches]
+    assert min(dens) < 0.045 < max(dens)  # "mixed" takes both paths
+    runs = {}
+    for name, density in (("sparse", 1.0), ("dense", 0.0), ("mixed", 0.045)):
+        monkeypatch.setattr(match, "SPARSE_DENSITY", density)
+        stats = CrossStats(90, 70)
+        for xa, xb in batches:
+            stats.update(xa, xb)
+        runs[name] = stats.corr()
+    a = torch.cat([x for x, _ in batches]).double().numpy()
+    b = torch.cat([y for _, y in batches]).double().numpy()
+    want = np.corrcoef(a.T, b.T)[:90, 90:]
+    # the sparse products are float64 throughout; the dense ones multiply in float32
+    for name, corr in runs.items():
+        np.testing.assert_allclose(corr.numpy(), want, rtol=1e-7,
+                                   atol=1e-9 if name == "sparse" else 5e-6, err_msg=name)

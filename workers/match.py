@@ -93,6 +93,15 @@ def stored_tokens(engine: Engine, dataset_id: int, max_tokens: int | None) -> Te
     return tokens
 
 
+SPARSE_DENSITY = 0.05
+"""Batches whose activations are non-zero on fewer than this fraction of (token, feature)
+pairs on both sides take the sparse products."""
+
+
+def _density(x: Tensor) -> float:
+    return float(torch.count_nonzero(x)) / max(x.numel(), 1)
+
+
 class CrossStats:
     """Sums for the correlation of every feature of A with every feature of B over tokens.
 
@@ -112,6 +121,9 @@ class CrossStats:
         xa, xb = xa.float(), xb.float()
         if self.shift_a is None:
             self.shift_a, self.shift_b = xa.mean(0), xb.mean(0)
+        if max(_density(xa), _density(xb)) < SPARSE_DENSITY:
+            self._update_sparse(xa, xb)
+            return
         ca, cb = xa - self.shift_a, xb - self.shift_b
         self.n += xa.shape[0]
         self.sa += ca.sum(0, dtype=torch.float64)
@@ -119,6 +131,23 @@ class CrossStats:
         self.ssa += (ca * ca).sum(0, dtype=torch.float64)
         self.ssb += (cb * cb).sum(0, dtype=torch.float64)
         self.ab += (ca.T @ cb).double()
+
+    def _update_sparse(self, xa: Tensor, xb: Tensor) -> None:
+        """The same sums from the non-zeros (SAE codes): sum(a b^T) as a float64 sparse
+        product (N x nnz-per-token x Fb instead of N x Fa x Fb), the shifts applied through
+        the plain sums: sum((a - s)(b - t)^T) = sum(a b^T) - s sum(b)^T - sum(a) t^T + N s t^T."""
+        n = xa.shape[0]
+        a, b = xa.double(), xb.double()
+        s, t = self.shift_a.double(), self.shift_b.double()
+        sum_a, sum_b = a.sum(0), b.sum(0)
+        self.n += n
+        self.sa += sum_a - n * s
+        self.sb += sum_b - n * t
+        self.ssa += (a * a).sum(0) - 2 * s * sum_a + n * s * s
+        self.ssb += (b * b).sum(0) - 2 * t * sum_b + n * t * t
+        self.ab += torch.sparse.mm(a.T.to_sparse(), b)
+        self.ab -= (s[:, None] * sum_b[None, :] + sum_a[:, None] * t[None, :]
+                    - n * s[:, None] * t[None, :])
 
     def corr(self) -> Tensor:
         """[Fa, Fb] float64 Pearson correlations (NaN where a feature is constant)."""
