@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on the CPU, torch.compile on a GPU)")
     h.add_argument("--relations", action="store_true",
                    help="also keep co-firing statistics, for each feature's Jaccard and Pearson "
-                   "lists of related features (a dense [F, F] product per batch)")
+                   "lists of related features (a dense [F, F] product per batch; sources of up "
+                   "to 16,384 features)")
     h.add_argument("--db", default=None, help="database URL (default: FEATURESCOPE_DATABASE_URL "
                    "or a SQLite file in the data directory)")
     h.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",

@@ -126,6 +126,8 @@ def main() -> None:
                    help="SAE widths (4k, 16k, 65k: the default) or folders, one at a time")
     p.add_argument("--sae-layer", type=int, default=15)
     p.add_argument("--sae-k", type=int, default=32)
+    p.add_argument("--dense", action="store_true",
+                   help="fill SAE sources from their dense codes (HarvestConfig.sparse off)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -277,7 +279,7 @@ def sae_widths(args, lm, ds) -> None:
     batches = [ds.tokens[i:i + args.batch_size].to(args.device)
                for i in range(0, n_seq, args.batch_size)]
     cfg = HarvestConfig(batch_size=args.batch_size, shard_sequences=n_seq,
-                        compile=not args.no_compile)
+                        compile=not args.no_compile, sparse=not args.dense)
     n_tokens = n_seq * args.seq_len
     print(f"model {lm.slug} on {args.device}, {torch.get_num_threads()} threads; {args.batches} "
           f"batches of {args.batch_size} x {args.seq_len} = {n_tokens:,} tokens; "
