@@ -106,7 +106,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = DemoConfig(model=args.model, dataset=args.dataset, max_tokens=args.max_tokens,
                      seq_len=args.seq_len, first_layers=args.first_layers,
-                     first_tokens=args.first_tokens, sae_hook=args.sae_hook, sae_features=args.sae_features, sae_k=args.sae_k,
+                     first_tokens=args.first_tokens, sae_hook=args.sae_hook,
+                     sae_features=args.sae_features, sae_k=args.sae_k,
                      sae_train_tokens=args.sae_train_tokens, device=args.device,
                      local_explanations=args.local_explanations,
                      progress_bar=not args.quiet)

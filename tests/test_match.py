@@ -219,7 +219,7 @@ def test_sparse_cross_products_equal_dense_ones_and_brute_force(monkeypatch):
     assert min(dens) < 0.045 < max(dens)  # "mixed" takes both paths
     runs = {}
     for name, density in (("sparse", 1.0), ("dense", 0.0), ("mixed", 0.045)):
-        monkeypatch.setattr(match, "SPARSE_DENSITY", density)
+        monkeypatch.setattr(match, "SPARSE_BELOW", density)
         stats = CrossStats(90, 70)
         for xa, xb in batches:
             stats.update(xa, xb)

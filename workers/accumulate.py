@@ -146,7 +146,7 @@ class Accumulator:
         self._maybe_compact()
 
     def update_sparse(self, codes: SparseCodes, batch: int, seq_len: int, seq0: int) -> None:
-        """The same as update(codes.dense().view(batch, seq_len, F), seq0), from the non-zero
+        """The same as update() with the dense codes [batch, seq_len, F], from the non-zero
         codes of an SAE alone (codes >= 0, so there is no bottom ranking): statistics, peaks and
         windows are read off the entries, and the zeros follow from counts."""
         if codes.n_features != self.n_features:

@@ -264,6 +264,7 @@ class Harvester:
         by_hook: dict[str, list[SourceSpec]] = {}
         for s in self.sources:
             by_hook.setdefault(s.hook_name, []).append(s)
+        sparse = {s.slug for s in self.sources if self._sparse(s)}
 
         lo, hi = self.shards.range(shard)
         for b0 in range(lo, hi, self.cfg.batch_size):
@@ -272,10 +273,11 @@ class Harvester:
 
             def on_activation(hook_name: str, act: Tensor, b0: int = b0) -> None:
                 for spec in by_hook[hook_name]:
-                    if self._sparse(spec):
-                        accs[spec.slug].update_sparse(spec.encode_sparse(act), *act.shape[:2], b0)
+                    acc = accs[spec.slug]
+                    if spec.slug in sparse:
+                        acc.update_sparse(spec.encode_sparse(act), *act.shape[:2], b0)
                     else:
-                        accs[spec.slug].update(act if spec.encode is None else spec.encode(act), b0)
+                        acc.update(act if spec.encode is None else spec.encode(act), b0)
 
             self.lm.run_with_hooks(ids, self.hooks, on_activation)
             if progress is not None:

@@ -33,6 +33,7 @@ from app.db.tables import (
     Source,
     SourceStatus,
 )
+from workers.relations import SPARSE_BELOW
 from workers.store import RELATION_COLUMNS, sequence_tokens
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,6 @@ def stored_tokens(engine: Engine, dataset_id: int, max_tokens: int | None) -> Te
     return tokens
 
 
-SPARSE_DENSITY = 0.05
-"""Batches whose activations are non-zero on fewer than this fraction of (token, feature)
-pairs on both sides take the sparse products."""
-
-
 def _density(x: Tensor) -> float:
     return float(torch.count_nonzero(x)) / max(x.numel(), 1)
 
@@ -121,7 +117,7 @@ class CrossStats:
         xa, xb = xa.float(), xb.float()
         if self.shift_a is None:
             self.shift_a, self.shift_b = xa.mean(0), xb.mean(0)
-        if max(_density(xa), _density(xb)) < SPARSE_DENSITY:
+        if max(_density(xa), _density(xb)) < SPARSE_BELOW:  # both sides sparse
             self._update_sparse(xa, xb)
             return
         ca, cb = xa - self.shift_a, xb - self.shift_b

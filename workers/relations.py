@@ -29,7 +29,8 @@ MAX_COFIRING_FEATURES = 16384
 ROW_CHUNK = 1024
 """Features whose lists are computed together (bounds the [chunk, F] working matrices)."""
 SPARSE_BELOW = 0.05
-"""A batch with fewer nonzero activations than this fraction takes the sparse products."""
+"""A batch with fewer nonzero activations than this fraction takes the sparse products (here
+and in workers/match.py)."""
 
 
 @dataclass
@@ -144,8 +145,7 @@ def best(values: Tensor, k: int = N_RELATED, *, exclude_from: int | None = None
     k = min(k, width)
     if n == 0 or k == 0:
         return [[] for _ in range(n)]
-    v = torch.where(torch.isfinite(v), v, float("-inf"))
-    return _lists(*keep_best(v, torch.arange(width, device=v.device).expand(n, -1), k))
+    return _lists(*_block_best(torch.where(torch.isfinite(v), v, float("-inf")), 0, k))
 
 
 def _block_best(x: Tensor, c0: int, k: int) -> tuple[Tensor, Tensor]:

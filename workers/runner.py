@@ -39,13 +39,14 @@ def check_cofiring(specs: list[SourceSpec], harvest: HarvestConfig) -> None:
     source wider than MAX_COFIRING_FEATURES, before anything is registered."""
     from workers.relations import MAX_COFIRING_FEATURES
 
-    wide = [s for s in specs if harvest.relations and s.kind != "heads"
-            and s.n_features > MAX_COFIRING_FEATURES]
+    if not harvest.relations:
+        return
+    wide = [s for s in specs if s.kind != "heads" and s.n_features > MAX_COFIRING_FEATURES]
     if wide:
-        gb = max(s.n_features for s in wide) ** 2 * 12 / 1e9
+        widest = max(s.n_features for s in wide)
         raise PlanError(
-            f"--relations keeps [F, F] co-firing counts per source ({gb:,.0f} GB for "
-            f"{max(s.n_features for s in wide):,} features): {', '.join(s.slug for s in wide)} "
+            f"--relations keeps [F, F] co-firing counts per source ({widest ** 2 * 12 / 1e9:,.0f} "
+            f"GB for {widest:,} features): {', '.join(s.slug for s in wide)} "
             f"has more than {MAX_COFIRING_FEATURES:,} features; harvest it without --relations "
             "(its cosine lists are made either way)")
 

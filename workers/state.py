@@ -55,12 +55,6 @@ class SparseCodes:
     val: Tensor
     """[nnz] in the SAE's dtype, >= 0."""
 
-    def dense(self) -> Tensor:
-        """[n_tokens, n_features]: what encode returns, flattened."""
-        out = self.val.new_zeros(self.n_tokens, self.n_features)
-        out[self.tok, self.feat] = self.val
-        return out
-
 
 def sparse_reduce(codes: SparseCodes, batch: int, seq_len: int, first: int
                   ) -> tuple[Tensor, ...]:
@@ -81,10 +75,11 @@ def sparse_reduce(codes: SparseCodes, batch: int, seq_len: int, first: int
     val = torch.where(ok, val, 0.0)  # entries before `first`, or 0, weigh nothing
     weight = ok.long()
     n_tokens = batch * (seq_len - first)
-    n_active = torch.zeros(n_feat, dtype=torch.int64, device=dev).index_add_(0, codes.feat, weight)
-    s = torch.zeros(n_feat, dtype=torch.float64, device=dev).index_add_(0, codes.feat, val.double())
-    ss = torch.zeros(n_feat, dtype=torch.float64, device=dev).index_add_(
-        0, codes.feat, (val * val).double())
+    def per_feature(x: Tensor) -> Tensor:
+        return torch.zeros(n_feat, dtype=x.dtype, device=dev).index_add_(0, codes.feat, x)
+
+    n_active, s, ss = per_feature(weight), per_feature(val.double()), per_feature(
+        (val * val).double())
     key = row * n_feat + codes.feat
     mx = torch.zeros(batch * n_feat, device=dev).scatter_reduce_(0, key, val, "amax")
     peak = ok & (val == mx[key])
