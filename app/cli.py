@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.commands import embed, explain, keys, match, transfer
+from app.commands import embed, explain, keys, llm_serve, match, transfer
 from app.config import DEFAULT_DATASET, DEFAULT_MODEL, Settings
 
 log = logging.getLogger("featurescope")
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.register(sub)
     explain.register(sub)
     keys.register(sub)
+    llm_serve.register(sub)
     match.register(sub)
     transfer.register(sub)
     return p

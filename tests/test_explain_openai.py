@@ -1,15 +1,13 @@
-"""The `openai` backend against a real OpenAI-compatible server process: `transformers serve`
-over the default model's local files. It answers chat completions with token usage but gives
-no log-probabilities, so the detection and fuzzing scorers are refused there, at once. The
-retry policy is checked on an httpx transport that answers 429 / 5xx as told."""
+"""The `openai` backend against a real OpenAI-compatible server process: llama.cpp's server
+(`featurescope llm-serve`, over the GGUF of the built-in model), which answers chat completions
+with token usage and log-probabilities. An endpoint without log-probabilities is refused at once;
+the retry policy is checked on an httpx transport that answers 429 / 5xx as told."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,10 +15,12 @@ import pytest
 from explain_world import SAE_SOURCE, copy_db, explanations, harvest_db, query
 
 from app.cli import main
+from app.commands.llm_serve import served_name
+from workers.explain import remote
 from workers.explain.explainers import clean, shown
 from workers.explain.local import LocalLM
 from workers.explain.remote import EndpointError, OpenAIChat
-from workers.loading import prepare_default_model
+from workers.loading import default_gguf, prepare_default_model
 
 SHARED_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache"
 
@@ -32,52 +32,49 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """`transformers serve` on a free port with the default model's safetensors folder."""
-    folder = str(prepare_default_model(SHARED_CACHE))
+def harvested(tmp_path_factory, tiny_llama_dir):
+    return harvest_db(tiny_llama_dir, tmp_path_factory.mktemp("openai"))
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """`featurescope llm-serve` (llama.cpp's server over the built-in model's GGUF) on a free
+    port: (base URL, the model name it serves)."""
     port = free_port()
-    serve = Path(sys.executable).with_name("transformers")
-    proc = subprocess.Popen([str(serve), "serve", "--host", "127.0.0.1", "--port", str(port),
-                             folder], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    cli = Path(sys.executable).with_name("featurescope")
+    proc = subprocess.Popen([str(cli), "llm-serve", "--port", str(port), "--threads", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "transformers serve did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield f"{url}/v1", folder
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}/v1" in line, line + proc.stdout.read()[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        yield f"{url}/v1", served_name(default_gguf())
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def harvested(tmp_path_factory, tiny_llama_dir):
-    return harvest_db(tiny_llama_dir, tmp_path_factory.mktemp("openai"))
+def local_lm():
+    return LocalLM(str(prepare_default_model(SHARED_CACHE)))
 
 
-def test_openai_explainer_against_transformers_serve(server, harvested, tmp_path, capsys):
-    base_url, folder = server
+def test_openai_explainer_against_llama_cpp(llama_cpp, local_lm, harvested, tmp_path, capsys):
+    base_url, name = llama_cpp
     db = copy_db(harvested.db, tmp_path)
     assert main(["explain", "--model", harvested.model, "--source", SAE_SOURCE,
-                 "--features", "0-11", "--explainer", "openai",
-                 "--base-url", base_url, "--explainer-model", folder, "--db",
-                 f"sqlite:///{db}", "-q"]) == 0, capsys.readouterr().err
+                 "--features", "0-11", "--explainer", "openai", "--base-url", base_url,
+                 "--explainer-model", name, "--db", f"sqlite:///{db}", "-q"]) == 0, \
+        capsys.readouterr().err
     rows = explanations(db)
     fired = [f for f in range(12)
              if bool((harvested.states[SAE_SOURCE].top.score[:, f] > float("-inf")).any())]
     assert [r[1] for r in rows] == fired and len(fired) >= 3
-    assert {r[3:] for r in rows} == {("openai", folder, "explain-v1")}
-    # the server's usage: at least the prompt's tokens, per explanation
-    assert all(u > 50 for u, in query(db, "SELECT tokens_used FROM explanations"))
-    # the server's greedy answer is the in-process model's, unpadded, for the same prompt
+    assert {r[3:] for r in rows} == {("openai", name, "explain-v1")}
+    assert all(r[2] == clean(r[2]) and r[2] for r in rows)
+    # the server's usage counts the prompt the explainer built: the same chat template and
+    # excerpts, tokenized in-process, plus the answer
     from sqlalchemy.orm import Session
 
     from app.db import queries
@@ -87,20 +84,68 @@ def test_openai_explainer_against_transformers_serve(server, harvested, tmp_path
 
     eng = make_engine(f"sqlite:///{db}")
     with Session(eng) as session:
-        ex = feature_examples(session, queries.VocabCache(),
-                              source(session, harvested.model, SAE_SOURCE), fired[0])
+        src = source(session, harvested.model, SAE_SOURCE)
+        exs = [feature_examples(session, queries.VocabCache(), src, f) for f in fired]
     eng.dispose()
-    lm = LocalLM(folder)
-    (answer, _), = lm.chat([prompt("explain-v1").messages(examples=excerpts(shown(ex, 8)))])
-    assert rows[0][2] == clean(answer)
+    used = [u for u, in query(db, "SELECT tokens_used FROM explanations ORDER BY feature_idx")]
+    for ex, u in zip(exs, used, strict=True):
+        n_prompt = len(local_lm._ids(prompt("explain-v1").messages(
+            examples=excerpts(shown(ex, 8)))))
+        assert n_prompt < u <= n_prompt + 1 + 24  # at most max_new_tokens (+ its end token)
 
 
-def test_scorers_refuse_an_endpoint_without_logprobs(server, harvested, tmp_path, capsys):
-    base_url, folder = server
+def test_openai_scorers_read_llama_cpp_logprobs(llama_cpp, local_lm, harvested, tmp_path,
+                                                 capsys):
+    """Detection and fuzzing on the server: every explanation scored beside its control, and
+    the server's P(yes) (from top_logprobs) is the in-process model's P(yes) (from its logits)
+    for the same prompts, up to the 4-bit kernels of llama.cpp."""
+    import numpy as np
+
+    base_url, name = llama_cpp
     db = copy_db(harvested.db, tmp_path)
     assert main(["explain", "--model", harvested.model, "--source", SAE_SOURCE,
-                 "--features", "0-3", "--scorer", "detection", "--base-url", base_url,
-                 "--scorer-model", folder, "--db", f"sqlite:///{db}", "-q"]) == 2
+                 "--features", "0-7", "--scorer", "detection,fuzzing", "--base-url", base_url,
+                 "--scorer-model", name, "--score-examples", "3", "--db", f"sqlite:///{db}",
+                 "-q"]) == 0, capsys.readouterr().err
+    scores = query(db, "SELECT e.feature_idx, s.scorer, s.scorer_model, s.value, s.control "
+                   "FROM explanation_scores s JOIN explanations e ON e.id = s.explanation_id "
+                   "ORDER BY e.feature_idx, s.scorer")
+    fired = [f for f in range(8)
+             if bool((harvested.states[SAE_SOURCE].top.score[:, f] > float("-inf")).any())]
+    assert len(fired) >= 3  # features that never fired have no examples to score
+    assert [s[:2] for s in scores] == [(f, s) for f in fired for s in ("detection", "fuzzing")]
+    assert {s[1:3] for s in scores} == {("detection", name), ("fuzzing", name)}
+    assert all(0 <= v <= 1 and 0 <= c <= 1 for *_, v, c in scores)
+
+    from workers.explain.prompts import prompt
+
+    texts = ["'def area(r):\\n    return 3.14 * r * r'", "'The cat sat on the mat.'",
+             "'import os, sys'", "'In 1999 the city had 40,000 people'"]
+    msgs = [prompt(v).messages(explanation=e, text=t)
+            for v in ("detection-v1", "fuzzing-v1")
+            for e in ("python function definitions", "years and numbers") for t in texts]
+    remote = np.array(OpenAIChat(base_url, name).p_yes(msgs))
+    local = np.array(local_lm.p_yes(msgs))
+    # llama.cpp's answers vary by a few hundredths with how requests are batched together
+    assert np.abs(remote - local).max() < 0.1, (remote, local)
+    assert np.abs(remote - local).mean() < 0.05, (remote, local)
+
+
+def test_scorers_refuse_an_endpoint_without_logprobs(harvested, tmp_path, capsys,
+                                                     monkeypatch):
+    """An endpoint that answers chat completions without logprobs is refused at once by the
+    command, before anything is written."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Yes"}}]})
+
+    client = httpx.Client
+    monkeypatch.setattr(remote.httpx, "Client", lambda **kw: client(
+        **{**kw, "transport": httpx.MockTransport(handle)}))
+    db = copy_db(harvested.db, tmp_path)
+    assert main(["explain", "--model", harvested.model, "--source", SAE_SOURCE,
+                 "--features", "0-3", "--scorer", "detection", "--base-url",
+                 "http://no-logprobs.invalid/v1", "--scorer-model", "m", "--db",
+                 f"sqlite:///{db}", "-q"]) == 2
     err = capsys.readouterr().err
     assert "returned no logprobs" in err and err.count("\n") == 1
     assert explanations(db) == []  # refused before anything was written
@@ -161,3 +206,10 @@ def test_p_yes_from_top_logprobs():
     got = chat.p_yes([[{"role": "user", "content": "first"}],
                       [{"role": "user", "content": "second"}]])
     assert got == pytest.approx([0.6 / 0.8, 0.5])
+
+
+def test_llm_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
+    assert main(["llm-serve", "--gguf", str(tmp_path / "missing.gguf")]) == 2
+    assert "no .gguf file at" in capsys.readouterr().err
+    assert main(["llm-serve", "--port", "70000"]) == 2
+    assert "--port expects 1-65535" in capsys.readouterr().err

