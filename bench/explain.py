@@ -4,13 +4,15 @@ fast the local backend explains and scores on this machine, from one run:
     .venv/bin/python bench/explain.py [--db URL --model M --source S] [--features 100]
         [--explainers tokens,local] [--scorers detection,fuzzing,simulation]
         [--score-examples 5] [--search-explanations 100000]
+        [--base-url http://127.0.0.1:8081/v1 --remote-model SmolLM2-135M-Instruct.Q4_1]
 
 Without --db it first harvests the default model's neurons of --layer over --max-tokens
 tokens of pydoc into a temporary SQLite file. Each explainer explains the first --features
-features that fire, each scorer (the local backend) scores every explanation and its control
-(another feature's explanation by the same explainer, on the same examples); the table gives,
-per pair, the mean score, the mean control and the verdict of `app.explanations.judge` (the
-one the pages show: informative only where the mean difference beats two standard errors).
+features that fire, each scorer (the local backend; detection and fuzzing at --base-url when
+given) scores every explanation and its control (another feature's explanation by the same
+explainer, on the same examples); the table gives, per pair, the mean score, the mean control
+and the verdict of `app.explanations.judge` (the one the pages show: informative only where
+the mean difference beats two standard errors).
 Explained/min and scored/min count features, timed around the explainer's and each scorer's
 calls alone. Last, bench/explain_search.py runs over --search-explanations explanations
 (0 leaves it out) and its figures are printed as they come.
@@ -117,6 +119,10 @@ def main() -> int:
     p.add_argument("--scorers", default="detection,fuzzing,simulation")
     p.add_argument("--score-examples", type=int, default=5)
     p.add_argument("--search-explanations", type=int, default=100_000)
+    p.add_argument("--base-url", default=None,
+                   help="an OpenAI-compatible endpoint (e.g. featurescope llm-serve): the openai "
+                   "explainer, and detection and fuzzing, run there; simulation stays local")
+    p.add_argument("--remote-model", default=None, help="the model name the endpoint serves")
     args = p.parse_args()
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,10 +140,17 @@ def main() -> int:
         n = len(features.split(","))
         scorer_names = [s for s in args.scorers.split(",") if s]
         print(f"{'explainer':<10}{'scorer':<12}{'mean':>8}{'control':>9}{'pairs':>7}  verdict")
+        remote = [s for s in scorer_names if args.base_url and s != "simulation"]
+        local = [s for s in scorer_names if s not in remote]
         for name in args.explainers.split(","):
-            explainer = Timed(make_explainer(name, cache_dir=settings.cache_dir), "explain")
+            on_endpoint = dict(model=args.remote_model, base_url=args.base_url)
+            explainer = Timed(make_explainer(name, cache_dir=settings.cache_dir,
+                                             **(on_endpoint if name == "openai" else {})),
+                              "explain")
             scorers = [Timed(s, "score") for s in make_scorers(
-                scorer_names, cache_dir=settings.cache_dir, n_examples=args.score_examples)]
+                remote, cache_dir=settings.cache_dir, n_examples=args.score_examples,
+                **on_endpoint) + make_scorers(local, cache_dir=settings.cache_dir,
+                                              n_examples=args.score_examples)]
             ExplainRun(db_url=url, model=args.model, source=source, explainer=explainer,
                        scorers=scorers, features=features, progress_bar=False,
                        embed=False).run()
