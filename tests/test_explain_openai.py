@@ -213,3 +213,6 @@ def test_llm_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "no .gguf file at" in capsys.readouterr().err
     assert main(["llm-serve", "--port", "70000"]) == 2
     assert "--port expects 1-65535" in capsys.readouterr().err
+    for flag in ("--threads", "--parallel", "--ctx"):
+        assert main(["llm-serve", flag, "0"]) == 2
+        assert f"{flag} expects a positive integer, got 0" in capsys.readouterr().err

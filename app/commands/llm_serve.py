@@ -49,6 +49,10 @@ def cmd_llm_serve(args: argparse.Namespace, settings: Settings) -> int:
     gguf = Path(args.gguf) if args.gguf else default_gguf()
     if args.port < 1 or args.port > 65535:
         raise ValueError(f"--port expects 1-65535, got {args.port}")
+    for flag, value in (("--threads", args.threads), ("--parallel", args.parallel),
+                        ("--ctx", args.ctx)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} expects a positive integer, got {value}")
     server = start(gguf, host=args.host, port=args.port, threads=args.threads,
                    parallel=args.parallel, ctx=args.ctx)
     print(f"serving {served_name(gguf)} at {server.listening_address}/v1 "
