@@ -40,6 +40,7 @@ from app.db.engine import make_engine  # noqa: E402
 from app.explanations import judge  # noqa: E402
 from workers.explain.backends import make_explainer, make_scorers  # noqa: E402
 from workers.explain.run import ExplainRun  # noqa: E402
+from workers.loading import resolve_device  # noqa: E402
 
 
 class Timed:
@@ -123,7 +124,9 @@ def main() -> int:
                    help="an OpenAI-compatible endpoint (e.g. featurescope llm-serve): the openai "
                    "explainer, and detection and fuzzing, run there; simulation stays local")
     p.add_argument("--remote-model", default=None, help="the model name the endpoint serves")
+    p.add_argument("--device", default="auto", help="where the local backend runs")
     args = p.parse_args()
+    device = resolve_device(args.device)
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
@@ -144,13 +147,13 @@ def main() -> int:
         local = [s for s in scorer_names if s not in remote]
         for name in args.explainers.split(","):
             on_endpoint = dict(model=args.remote_model, base_url=args.base_url)
-            explainer = Timed(make_explainer(name, cache_dir=settings.cache_dir,
+            explainer = Timed(make_explainer(name, cache_dir=settings.cache_dir, device=device,
                                              **(on_endpoint if name == "openai" else {})),
                               "explain")
             scorers = [Timed(s, "score") for s in make_scorers(
                 remote, cache_dir=settings.cache_dir, n_examples=args.score_examples,
                 **on_endpoint) + make_scorers(local, cache_dir=settings.cache_dir,
-                                              n_examples=args.score_examples)]
+                                              n_examples=args.score_examples, device=device)]
             ExplainRun(db_url=url, model=args.model, source=source, explainer=explainer,
                        scorers=scorers, features=features, progress_bar=False,
                        embed=False).run()
@@ -164,7 +167,8 @@ def main() -> int:
                           flush=True)
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"\n{n} features of {args.model}/{source}, {args.score_examples} activating "
-              f"(+ as many other) examples per scorer, {os.cpu_count()} CPUs, load {load}")
+              f"(+ as many other) examples per scorer, local backend on {device}, "
+              f"{os.cpu_count()} CPUs, load {load}")
     if args.search_explanations:
         print(flush=True)
         subprocess.run([sys.executable, str(ROOT / "bench" / "explain_search.py"),

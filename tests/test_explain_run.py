@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from explain_world import SAE_SOURCE, Harvested, copy_db, explanations, harvest_db
 from sqlalchemy import create_engine, text
 
@@ -82,6 +83,10 @@ def test_parse_features(spec, want):
     (["--source", "1-mlp", "--features", "x"], "--features expects"),
     (["--source", "1-mlp", "--scorer", "vibes"], "--scorer expects"),
     (["--source", "1-mlp", "--explainer", "openai"], "needs --base-url"),
+    (["--source", "1-mlp", "--device", "tpu"], "unknown device 'tpu'"),
+    pytest.param(["--source", "1-mlp", "--explainer", "local", "--device", "cuda"],
+                 "no CUDA GPU is usable here", id="cuda-without-a-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_input_gets_one_clear_error(harvested, tmp_path, capsys, args, message):
     db = copy_db(harvested.db, tmp_path)

@@ -208,6 +208,7 @@ class Demo:
         from workers import store
         from workers.explain.backends import make_explainer
         from workers.explain.run import ExplainRun
+        from workers.loading import resolve_device
 
         n_local = self.cfg.local_explanations
         if explainer == "local" and not n_local:
@@ -219,7 +220,8 @@ class Demo:
             engine.dispose()
         if explainer == "local":
             slugs = [s for s in slugs if s == self.cfg.sae_slug]
-        made = make_explainer(explainer, cache_dir=self.settings.cache_dir)
+        made = make_explainer(explainer, cache_dir=self.settings.cache_dir,
+                              device=resolve_device(self.cfg.device))
         n = 0
         for slug in slugs:
             n += ExplainRun(db_url=self.settings.db_url, model=self.model_slug, source=slug,

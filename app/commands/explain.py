@@ -27,18 +27,21 @@ def parse_scorers(text: str) -> list[str]:
 def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     from workers.explain.backends import make_explainer, make_scorers
     from workers.explain.run import ExplainRun
+    from workers.loading import resolve_device
 
     scorers = parse_scorers(args.scorer)
+    device = resolve_device(args.device)
     try:
         explainer = make_explainer(args.explainer, model=args.explainer_model,
-                                   base_url=args.base_url, cache_dir=settings.cache_dir)
+                                   base_url=args.base_url, cache_dir=settings.cache_dir,
+                                   device=device)
         run = ExplainRun(
             db_url=args.db or settings.db_url, model=args.model, source=args.source,
             explainer=explainer, features=args.features, batch_size=args.batch_size,
             progress_bar=not args.quiet,
             scorers=make_scorers(scorers, model=args.scorer_model, base_url=args.base_url,
                                  cache_dir=settings.cache_dir, seed=args.seed,
-                                 n_examples=args.score_examples))
+                                 n_examples=args.score_examples, device=device))
         result = run.run()
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; run the same command again to resume",
@@ -69,6 +72,9 @@ def register(sub) -> None:
     e.add_argument("--base-url", default=None,
                    help="an OpenAI-compatible endpoint (.../v1): the openai explainer, and the "
                    "scorers run there too; key from FEATURESCOPE_LLM_API_KEY")
+    e.add_argument("--device", default="auto",
+                   help="where a local explainer or scorer model runs: auto (a GPU when there "
+                   "is one), cpu, cuda, cuda:1, ...")
     e.add_argument("--batch-size", type=int, default=16, help="features per batch")
     e.add_argument("--score-examples", type=int, default=5,
                    help="activating examples per scorer and feature (and as many others)")

@@ -12,10 +12,11 @@ from workers.explain.tokens import TokensExplainer
 _LOADED: dict[tuple, object] = {}
 
 
-def backend(model: str | None, base_url: str | None, cache_dir: Path | None):
-    """The chat backend of `model`: at `base_url` (openai) or loaded in this process (local),
-    loaded once per process."""
-    key = (model, base_url)
+def backend(model: str | None, base_url: str | None, cache_dir: Path | None,
+            device: str = "cpu"):
+    """The chat backend of `model`: at `base_url` (openai) or loaded in this process (local,
+    on `device`), loaded once per process."""
+    key = (model, base_url, None if base_url else device)
     if key not in _LOADED:
         if base_url:
             from workers.explain.remote import OpenAIChat
@@ -24,16 +25,16 @@ def backend(model: str | None, base_url: str | None, cache_dir: Path | None):
         else:
             from workers.explain.local import LocalLM
 
-            _LOADED[key] = LocalLM(model, cache_dir=cache_dir)
+            _LOADED[key] = LocalLM(model, cache_dir=cache_dir, device=device)
     return _LOADED[key]
 
 
 def make_explainer(name: str, *, model: str | None = None, base_url: str | None = None,
-                   cache_dir: Path | None = None) -> Explainer:
+                   cache_dir: Path | None = None, device: str = "cpu") -> Explainer:
     if name == "tokens":
         return TokensExplainer()
     if name == "local":
-        return LLMExplainer(name, backend(model, None, cache_dir))
+        return LLMExplainer(name, backend(model, None, cache_dir, device))
     if name == "openai":
         if not base_url:
             raise ValueError("the openai explainer needs --base-url")
@@ -42,12 +43,13 @@ def make_explainer(name: str, *, model: str | None = None, base_url: str | None 
 
 
 def make_scorers(names: list[str], *, model: str | None = None, base_url: str | None = None,
-                 cache_dir: Path | None = None, seed: int = 0, n_examples: int = 5
-                 ) -> list[Scorer]:
-    """The scorers `names`, on the endpoint at base_url when given, else on a local model."""
+                 cache_dir: Path | None = None, seed: int = 0, n_examples: int = 5,
+                 device: str = "cpu") -> list[Scorer]:
+    """The scorers `names`, on the endpoint at base_url when given, else on a local model (on
+    `device`)."""
     if not names:
         return []
-    lm = backend(model, base_url, cache_dir)
+    lm = backend(model, base_url, cache_dir, device)
     if base_url:
         lm.require_logprobs()
     out: list[Scorer] = []
