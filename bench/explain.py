@@ -5,6 +5,7 @@ fast the local backend explains and scores on this machine, from one run:
         [--explainers tokens,local] [--scorers detection,fuzzing,simulation]
         [--score-examples 5] [--search-explanations 100000]
         [--base-url http://127.0.0.1:8081/v1 --remote-model SmolLM2-135M-Instruct.Q4_1]
+        [--device auto]
 
 Without --db it first harvests the default model's neurons of --layer over --max-tokens
 tokens of pydoc into a temporary SQLite file. Each explainer explains the first --features
